@@ -1,0 +1,155 @@
+"""torchvision segmentation models, built without downloads and cut into segments at candidate exit positions.
+
+A model's backbone is flattened into an ordered list of units (one per residual or inverted-residual
+block, plus the stem and tail modules), named by module path (`backbone.layer3.2`, `backbone.7`).
+Every block is a candidate position; running the units in order and then the original head gives
+exactly the original model's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import mobilenetv3, resnet
+from torchvision.models import segmentation as tvseg
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.fcn import FCNHead
+
+from .errors import MessError
+
+_BLOCKS = (resnet.BasicBlock, resnet.Bottleneck, mobilenetv3.InvertedResidual)
+
+
+def _small_resnet_model(kind: str, depth: int, num_classes: int, aux: bool) -> nn.Module:
+    """DeepLabV3 / FCN on ResNet-18/34. BasicBlock cannot be dilated, so layer4 keeps its resolution by
+    dropping its stride instead: output stride 16, no dilation, and ASPP rates (6, 12, 18) to match."""
+    r = {18: resnet.resnet18, 34: resnet.resnet34}[depth](weights=None)
+    r.layer4[0].conv1.stride = (1, 1)
+    r.layer4[0].downsample[0].stride = (1, 1)
+    layers = {"layer4": "out", "layer3": "aux"} if aux else {"layer4": "out"}
+    backbone = IntermediateLayerGetter(r, return_layers=layers)
+    aux_head = FCNHead(256, num_classes) if aux else None
+    if kind == "deeplabv3":
+        return tvseg.DeepLabV3(backbone, DeepLabHead(512, num_classes, atrous_rates=(6, 12, 18)), aux_head)
+    return tvseg.FCN(backbone, FCNHead(512, num_classes), aux_head)
+
+
+def _torchvision(builder):
+    def build(num_classes: int, aux: bool) -> nn.Module:
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux)
+
+    return build
+
+
+def _lraspp(num_classes: int, aux: bool) -> nn.Module:
+    # LR-ASPP has no auxiliary classifier; torchvision refuses aux_loss for it.
+    return tvseg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes)
+
+
+MODELS = {
+    "deeplabv3_resnet50": _torchvision(tvseg.deeplabv3_resnet50),
+    "deeplabv3_resnet101": _torchvision(tvseg.deeplabv3_resnet101),
+    "fcn_resnet50": _torchvision(tvseg.fcn_resnet50),
+    "fcn_resnet101": _torchvision(tvseg.fcn_resnet101),
+    "deeplabv3_mobilenet_v3_large": _torchvision(tvseg.deeplabv3_mobilenet_v3_large),
+    "lraspp_mobilenet_v3_large": _lraspp,
+    "deeplabv3_resnet18": lambda nc, aux: _small_resnet_model("deeplabv3", 18, nc, aux),
+    "deeplabv3_resnet34": lambda nc, aux: _small_resnet_model("deeplabv3", 34, nc, aux),
+    "fcn_resnet18": lambda nc, aux: _small_resnet_model("fcn", 18, nc, aux),
+    "fcn_resnet34": lambda nc, aux: _small_resnet_model("fcn", 34, nc, aux),
+}
+
+# torchvision's published weights, for the cost check against their recorded GFLOPS (never downloaded).
+PUBLISHED_WEIGHTS = {
+    "deeplabv3_resnet50": tvseg.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
+    "deeplabv3_resnet101": tvseg.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
+    "fcn_resnet50": tvseg.FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
+    "fcn_resnet101": tvseg.FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
+    "deeplabv3_mobilenet_v3_large": tvseg.DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+    "lraspp_mobilenet_v3_large": tvseg.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+}
+
+
+def build_torchvision_model(name: str, num_classes: int, aux: bool = False) -> nn.Module:
+    """The torchvision model `name` with random weights (nothing is downloaded, ever)."""
+    if name not in MODELS:
+        raise MessError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
+    return MODELS[name](num_classes, aux)
+
+
+def load_torchvision_weights(model: nn.Module, path: str) -> None:
+    """Load a local state-dict file in torchvision's own format (published `.pth` files load unchanged).
+
+    The auxiliary classifier's weights, which MESS drops, are ignored; any other mismatch is an error.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MessError(f"{path}: init checkpoint not found") from None
+    except Exception as e:  # a corrupt or non-tensor file: say which file
+        raise MessError(f"{path}: not a loadable state dict ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # torchvision reference-script checkpoints wrap the state dict
+    if not isinstance(state, dict):
+        raise MessError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise MessError(
+            f"{path}: does not match this model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise MessError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
+                            f"(another model or class count?)")
+    model.load_state_dict(state)
+
+
+@dataclass
+class Unit:
+    """One step of the flattened backbone."""
+
+    name: str
+    module: nn.Module
+    is_block: bool
+
+
+def flatten_backbone(model: nn.Module) -> tuple[list[Unit], dict[str, int]]:
+    """The backbone as ordered units, and for each feature the original head reads ('out', 'low', 'high'),
+    the index of the unit that produces it."""
+    backbone = model.backbone
+    units: list[Unit] = []
+    taps: dict[str, int] = {}
+    for name, child in backbone.named_children():
+        if isinstance(child, nn.Sequential) and len(child) and all(isinstance(b, _BLOCKS) for b in child):
+            for i, block in enumerate(child):
+                units.append(Unit(f"backbone.{name}.{i}", block, True))
+        else:
+            units.append(Unit(f"backbone.{name}", child, isinstance(child, _BLOCKS)))
+        key = backbone.return_layers.get(name)
+        if key is not None and key != "aux":
+            taps[key] = len(units) - 1
+    return units, taps
+
+
+def candidate_positions(model_name: str) -> list[str]:
+    """Every candidate exit position of a model, in depth order (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = build_torchvision_model(model_name, num_classes=2)
+    units, _ = flatten_backbone(model)
+    return [u.name for u in units if u.is_block]
+
+
+def run_final_head(model: nn.Module, taps: dict[str, torch.Tensor], size) -> torch.Tensor:
+    """The original model's head on the tapped features, upsampled exactly as torchvision does."""
+    if isinstance(model, tvseg.LRASPP):
+        out = model.classifier(taps)
+    else:
+        out = model.classifier(taps["out"])
+    return F.interpolate(out, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,57 @@
+"""`messearch info`: what a space file holds — positions, heads, costs and the size of its search."""
+
+from __future__ import annotations
+
+from .costs import mac_table
+from .model import feature_shapes
+from .space import count_configs, load_space
+
+
+def space_info(path: str, input_size=None) -> dict:
+    """A JSON-ready description of a space: positions with channels and resolution, heads, GMACs, n_configs."""
+    space = load_space(path)
+    size = tuple(input_size or space.input_size)
+    table = mac_table(space, size)
+    shapes = feature_shapes(space.model, space.num_classes, size)
+    positions = []
+    for k, p in enumerate(space.positions):
+        positions.append({"name": p, "channels": shapes[p][0], "resolution": list(shapes[p][1:]),
+                          "segment_gmacs": table.segment(k) / 1e9,
+                          "head_gmacs": {h: int(table.head[k, j]) / 1e9 for j, h in enumerate(space.head_names)}})
+    n_thr = len(space.thresholds)
+    return {
+        "space": str(path), "name": space.name, "model": space.model, "num_classes": space.num_classes,
+        "input_size": list(size),
+        "positions": list(space.positions),
+        "heads": space.head_names,
+        "position_details": positions,
+        "tail_gmacs": table.segment(len(space.positions)) / 1e9,
+        "final_head_gmacs": table.final / 1e9,
+        "backbone_gmacs": table.backbone_total / 1e9,
+        "total_gmacs": table.reference / 1e9,
+        "thresholds": list(space.thresholds),
+        "max_exits": space.max_exits,
+        "mode": space.mode,
+        "policy": space.policy.kind,
+        "n_configs": count_configs(len(space.positions), len(space.heads), n_thr, space.max_exits, "shared", space.mode),
+        "n_configs_per_exit_thresholds": count_configs(len(space.positions), len(space.heads), n_thr,
+                                                       space.max_exits, "per-exit", space.mode),
+    }
+
+
+def format_info(info: dict) -> str:
+    """The info as a readable table."""
+    lines = [f"space {info['space']}: {info['model']}, {info['num_classes']} classes, input "
+             f"{info['input_size'][0]}x{info['input_size'][1]}, policy {info['policy']}, mode {info['mode']}",
+             f"{'position':<24}{'ch':>6}{'res':>10}{'segment GMACs':>15}  head GMACs ({', '.join(info['heads'])})"]
+    for p in info["position_details"]:
+        res = f"{p['resolution'][0]}x{p['resolution'][1]}"
+        heads = " ".join(f"{g:.4f}" for g in p["head_gmacs"].values())
+        lines.append(f"{p['name']:<24}{p['channels']:>6}{res:>10}{p['segment_gmacs']:>15.4f}  {heads}")
+    lines += [f"tail of the backbone: {info['tail_gmacs']:.4f} GMACs; final head: {info['final_head_gmacs']:.4f} GMACs",
+              f"original model: {info['total_gmacs']:.4f} GMACs per image",
+              f"configurations: {info['n_configs']:,} with a shared threshold, "
+              f"{info['n_configs_per_exit_thresholds']:,} with per-exit thresholds "
+              f"({len(info['positions'])} positions x {len(info['heads'])} heads, up to {info['max_exits']} exits, "
+              f"{len(info['thresholds'])} thresholds)"]
+    return "\n".join(lines)
