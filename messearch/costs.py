@@ -6,6 +6,7 @@ GFLOPS), on the meta device, so even ResNet-101 at full resolution costs no real
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,10 +86,16 @@ def head_macs(space: Space, input_size=None) -> np.ndarray:
     out = np.zeros((len(space.positions), len(space.heads)), dtype=np.int64)
     for p, pos in enumerate(space.positions):
         for h, spec in enumerate(space.heads):
-            with torch.device("meta"):
-                head = build_head(spec, shapes[pos][0], space.num_classes).eval()
-            out[p, h] = count_macs(head, torch.zeros(1, *shapes[pos], device="meta"), size)
+            out[p, h] = _head_macs(spec, shapes[pos], space.num_classes, size)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _head_macs(spec, feature_shape, num_classes, size) -> int:
+    # Many positions share a feature shape (every block of a ResNet stage): count each (head, shape) once.
+    with torch.device("meta"):
+        head = build_head(spec, feature_shape[0], num_classes).eval()
+    return count_macs(head, torch.zeros(1, *feature_shape, device="meta"), size)
 
 
 def mac_table(space: Space, input_size=None) -> CostTable:

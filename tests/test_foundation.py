@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from messearch.cli import main
 from messearch.backbones import MODELS, PUBLISHED_WEIGHTS, build_torchvision_model, candidate_positions
 from messearch.costs import mac_table, model_macs, unit_macs
 from messearch.errors import MessError, SpaceError
@@ -95,10 +96,9 @@ def test_torchvision_format_state_dict_loads(tmp_path):
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
-def test_every_shipped_space_loads_and_reports(path):
-    out = subprocess.run([sys.executable, "-m", "messearch.cli", "info", str(path), "--json"],
-                         capture_output=True, text=True, check=True)
-    info = json.loads(out.stdout)
+def test_every_shipped_space_loads_and_reports(path, capsys):
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     space = load_space(path)
     assert info["model"] == space.model
     assert info["positions"] == list(space.positions) == candidate_positions(space.model)
