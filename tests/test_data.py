@@ -1,0 +1,415 @@
+"""Data sets: synthetic scenes (grammar, determinism, difficulty) and tiny fabricated copies of every
+on-disk format (sizes, class mapping, ignore handling, determinism, errors)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from messearch.data import build_dataset, check_dataset, parse_spec
+from messearch.errors import DataError
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+H, W = 20, 30  # native size of the fabricated images
+
+
+def _rgb(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+
+
+def _save(path: Path, array: np.ndarray, palette: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(array)
+    if palette:
+        im = im.convert("P")
+        im.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+        im.putdata(array.flatten().tolist())
+    im.save(path)
+    return path
+
+
+def _label(values: list[int]) -> np.ndarray:
+    """Vertical bands, one per value, so every value is present at any reasonable resize."""
+    lab = np.zeros((H, W), dtype=np.uint8)
+    for k, v in enumerate(values):
+        lab[:, k * W // len(values):(k + 1) * W // len(values)] = v
+    return lab
+
+
+def _truncate(path: Path, keep: float = 0.7) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# --- synthetic -------------------------------------------------------------------------------------
+
+def test_parse_spec_grammar():
+    kind, s = parse_spec("synthetic")
+    assert kind == "synthetic" and (s.seed, s.train, s.val, s.test) == (0, 512, 128, 128) and s.classes is None
+    _, s = parse_spec("synthetic:3:40")
+    assert (s.seed, s.train, s.val) == (3, 40, 40)
+    _, s = parse_spec("synthetic:3:40:2/1/1")
+    assert s.mix == (0.5, 0.25, 0.25)
+    _, s = parse_spec("synthetic:seed=7,train=30,val=10,mix=hard,classes=5")
+    assert (s.seed, s.train, s.val, s.mix, s.classes) == (7, 30, 10, (0.0, 0.0, 1.0), 5)
+    assert parse_spec("camvid:~/x") == ("camvid", Path("~/x").expanduser())
+
+
+@pytest.mark.parametrize("spec, named", [
+    ("synthetic:abc", "seed='abc'"), ("synthetic:1:0", "n=0"), ("synthetic:1:5:1/2", "mix='1/2'"),
+    ("synthetic:1:5:-1/1/1", "mix="), ("synthetic:size=3", "unknown key 'size'"),
+    ("synthetic:seed=1:5", "positional field '5'"), ("synthetic:classes=1", "classes=1"),
+    ("synthetic:1:2:easy:9", "positional field '9'"), ("synthetic:", "empty field"),
+    ("synthetic:seed=1,seed=2", "seed given twice"), ("imagenet:/x", "unknown kind 'imagenet'"),
+    ("camvid", "camvid:PATH"), ("voc:", "voc:PATH"), ("", "empty"),
+])
+def test_parse_spec_errors_name_the_bad_part(spec, named):
+    with pytest.raises(DataError, match=None) as e:
+        build_dataset(spec, "val", (16, 16))
+    assert named in str(e.value)
+
+
+def test_synthetic_items_classes_and_difficulty():
+    ds = build_dataset("synthetic:seed=1,train=30,val=30", "val", (24, 40))
+    assert len(ds) == 30 and len(set(ds.image_ids)) == 30 and ds.num_classes == 8
+    assert ds.class_names[0] == "background" and len(ds.class_names) == 8
+    x, y = ds[0]
+    assert x.shape == (3, 24, 40) and x.dtype == torch.float32
+    assert y.shape == (24, 40) and y.dtype == torch.int64
+    seen = set()
+    for i in range(len(ds)):
+        seen |= set(ds[i][1].unique().tolist())
+    assert seen <= set(range(8)) and len(seen) >= 6
+    # One level per image, a near-exact third of each, hardness inside its level's third.
+    counts = {lv: ds.difficulty.count(lv) for lv in ("easy", "medium", "hard")}
+    assert all(9 <= c <= 11 for c in counts.values()), counts
+    for lv, h in zip(ds.level, ds.hardness):
+        assert lv / 3 <= h <= (lv + 1) / 3
+    # The space's num_classes sets the class count; a conflicting `classes=` is an error.
+    ds5 = build_dataset("synthetic:1:6", "train", (16, 16), num_classes=5)
+    assert ds5.num_classes == 5 and max(int(ds5[i][1].max()) for i in range(6)) <= 4
+    with pytest.raises(DataError, match="classes=4 but the space has num_classes=5"):
+        build_dataset("synthetic:classes=4", "train", (16, 16), num_classes=5)
+    assert build_dataset("synthetic:1:12:hard", "val", (16, 16)).difficulty == ["hard"] * 12
+    with pytest.raises(DataError, match=r"input_size=\(0, 16\) must be two positive integers"):
+        build_dataset("synthetic", "val", (0, 16))
+    with pytest.raises(DataError, match="split 'dev' is not available for synthetic"):
+        build_dataset("synthetic", "dev", (16, 16))
+
+
+def test_synthetic_deterministic_independent_of_n_and_splits_differ():
+    a = build_dataset("synthetic:4:10", "val", (32, 32))
+    b = build_dataset("synthetic:4:20", "val", (32, 32))
+    for i in (0, 7):
+        assert torch.equal(a[i][0], a[i][0]) and torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+    assert torch.equal(pickle.loads(pickle.dumps(a))[7][0], a[7][0])
+    train = build_dataset("synthetic:4:10", "train", (32, 32))
+    other = build_dataset("synthetic:5:10", "val", (32, 32))
+    assert not torch.equal(a[0][0], train[0][0]) and not torch.equal(a[0][0], other[0][0])
+    assert set(a.image_ids).isdisjoint(train.image_ids)
+
+
+def _digest(spec: str) -> str:
+    ds = build_dataset(spec, "val", (32, 32))
+    h = hashlib.sha256()
+    for i in range(len(ds)):
+        x, y = ds[i]
+        h.update(x.numpy().tobytes())
+        h.update(y.numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_synthetic_identical_in_a_subprocess():
+    code = ("import sys; sys.path.insert(0, %r); from test_data import _digest; print(_digest('synthetic:11:6'))"
+            % str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == _digest("synthetic:11:6")
+
+
+def test_train_transform_random_scale_crop_flip_and_seeded_loader():
+    ds = build_dataset("synthetic:2:8", "train", (32, 32), train=True)
+    torch.manual_seed(0)
+    first = [ds[i] for i in range(8)]
+    torch.manual_seed(0)
+    again = [ds[i] for i in range(8)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(x.shape == (3, 32, 32) and y.shape == (32, 32) for x, y in first)
+    # Small scales pad with ignore; the eval view never has ignore pixels.
+    torch.manual_seed(1)
+    padded = sum(int((ds[0][1] == 255).any()) for _ in range(30))
+    assert 0 < padded < 30
+    assert not (build_dataset("synthetic:2:8", "train", (32, 32))[0][1] == 255).any()
+
+    def batches(seed):
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, num_workers=2,
+                                             generator=torch.Generator().manual_seed(seed))
+        return [b for b in loader]
+
+    b1, b2 = batches(3), batches(3)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(b1, b2))
+
+
+def test_difficulty_changes_what_a_small_model_gets_right():
+    """A tiny conv net trained on mixed scenes segments easy val scenes much better than hard ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: one thread is fastest and does not stall on a busy machine
+    try:
+        acc = _train_tiny_net()
+    finally:
+        torch.set_num_threads(threads)
+    assert acc["easy"] > acc["hard"] + 0.2, acc
+    assert acc["easy"] > 0.8, acc
+
+
+def _train_tiny_net() -> dict[str, float]:
+    torch.manual_seed(0)
+    spec = "synthetic:seed=5,train=192,val=96"
+    tr, va = build_dataset(spec, "train", (32, 32)), build_dataset(spec, "val", (32, 32))
+    X, Y = (torch.stack(t) for t in zip(*(tr[i] for i in range(len(tr)))))
+    VX, VY = (torch.stack(t) for t in zip(*(va[i] for i in range(len(va)))))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(12, 12, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(12, 8, 1))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(0, len(X), (16,), generator=g)
+        loss = torch.nn.functional.cross_entropy(net(X[idx]), Y[idx], ignore_index=255)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        correct = (net(VX).argmax(1) == VY).float().mean((1, 2)).numpy()
+    return {lv: float(correct[va.level == k].mean()) for k, lv in enumerate(("easy", "medium", "hard"))}
+
+
+# --- on-disk formats -------------------------------------------------------------------------------
+
+def _camvid(root: Path) -> Path:
+    for split, n in (("train", 2), ("val", 2)):
+        lines = []
+        for i in range(n):
+            _save(root / split / f"{split}{i}.jpg", _rgb(i))
+            _save(root / f"{split}annot" / f"{split}{i}.png", _label([0, 3, 8, 11]))
+            # SegNet's lists hold absolute paths; the loader keeps their last two components.
+            prefix = "/SegNet/CamVid/" if i == 0 else ""
+            lines.append(f"{prefix}{split}/{split}{i}.jpg {prefix}{split}annot/{split}{i}.png")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_camvid_sizes_mapping_ignore_and_determinism(tmp_path):
+    root = _camvid(tmp_path / "camvid")
+    ds = build_dataset(f"camvid:{root}", "val", (16, 24))
+    assert len(ds) == 2 and ds.image_ids == ["val/val0", "val/val1"] and ds.num_classes == 11
+    assert ds.class_names[3] == "Road"
+    x, y = ds[0]
+    assert x.shape == (3, 16, 24) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert set(y.unique().tolist()) == {0, 3, 8, 255}  # 11 (void) -> ignore; nearest keeps values exact
+    x2, y2 = ds[0]
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, y3 = pickle.loads(pickle.dumps(ds))[0]  # what DataLoader workers and Ray actors receive
+    assert torch.equal(x, x3) and torch.equal(y, y3)
+    img, mask = ds.load(1)
+    assert img.shape == (H, W, 3) and mask.shape == (H, W)
+    y_neg = build_dataset(f"camvid:{root}", "val", (16, 24), ignore_index=-1)[0][1]
+    assert set(y_neg.unique().tolist()) == {-1, 0, 3, 8}
+    assert check_dataset(f"camvid:{root}", "train", 11, deep=True)["images"] == 2
+
+
+def test_cityscapes_label_ids_to_train_ids(tmp_path):
+    root = tmp_path / "cs"
+    for split in ("train", "val"):
+        _save(root / "leftImg8bit" / split / "aachen" / "aachen_000000_000019_leftImg8bit.png", _rgb(1))
+        _save(root / "gtFine" / split / "aachen" / "aachen_000000_000019_gtFine_labelIds.png",
+              _label([0, 7, 26, 33, 9]))
+    ds = build_dataset(f"cityscapes:{root}", "val", (H, W), num_classes=19)
+    assert ds.image_ids == ["aachen/aachen_000000_000019"] and len(ds.class_names) == 19
+    assert set(ds[0][1].unique().tolist()) == {255, 0, 13, 18}
+    assert check_dataset(f"cityscapes:{root}", "train")["num_classes"] == 19
+
+
+def test_voc_palette_indices_and_border_ignore(tmp_path):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    names = ["2007_000032", "2007_000033"]
+    for k, name in enumerate(names):
+        _save(voc / "JPEGImages" / f"{name}.jpg", _rgb(k))
+        _save(voc / "SegmentationClass" / f"{name}.png", _label([0, 15, 255, 20]), palette=True)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(names) + "\n")
+    ds = build_dataset(f"voc:{tmp_path}", "val", (10, 15))  # the parent of VOCdevkit works too
+    assert len(ds) == 2 and ds.class_names[15] == "person"
+    assert set(ds[1][1].unique().tolist()) == {0, 15, 20, 255}
+    with pytest.raises(DataError, match="train.txt: split list not found"):
+        build_dataset(f"voc:{voc}", "train", (10, 15))
+
+
+def test_ade20k_shift_and_ignore_zero(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    for sub in ("training", "validation"):
+        _save(root / "images" / sub / f"ADE_{sub}_00000001.jpg", _rgb(3))
+        _save(root / "annotations" / sub / f"ADE_{sub}_00000001.png", _label([0, 1, 150, 13]))
+    ds = build_dataset(f"ade20k:{tmp_path}", "train", (H, W))
+    assert ds.num_classes == 150 and ds.class_names[0] == "wall" and ds.class_names[149] == "flag"
+    assert set(ds[0][1].unique().tolist()) == {255, 0, 149, 12}
+    with pytest.raises(DataError, match="split 'test' is not available for ade20k"):
+        build_dataset(f"ade20k:{tmp_path}", "test", (H, W))
+
+
+def _coco(root: Path) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    images, anns = [], []
+    for k, split in enumerate(("train", "val")):
+        for i in range(2):
+            iid = 10 * k + i + 1
+            _save(root / f"{split}2017" / f"{iid:012d}.jpg", _rgb(iid))
+            images.append((split, {"id": iid, "file_name": f"{iid:012d}.jpg", "height": H, "width": W}))
+    def square(x0, y0, x1, y1):
+        return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    for split, im in images:
+        iid = im["id"]
+        anns.append({"id": 100 + iid, "image_id": iid, "category_id": 1, "segmentation": square(2, 2, 12, 12),
+                     "area": 100.0 if iid % 10 == 2 else 2000.0, "iscrowd": 0})  # person -> class 15
+        anns.append({"id": 200 + iid, "image_id": iid, "category_id": 3, "segmentation": square(8, 8, 20, 18),
+                     "area": 120.0, "iscrowd": 0})  # car -> class 7, overlapping the person
+        anns.append({"id": 300 + iid, "image_id": iid, "category_id": 90, "segmentation": square(22, 2, 28, 8),
+                     "area": 36.0, "iscrowd": 0})  # toothbrush: not a VOC category, stays background
+    cats = [{"id": c, "name": n} for c, n in ((1, "person"), (3, "car"), (90, "toothbrush"))]
+    for split in ("train", "val"):
+        ids = {im["id"] for s, im in images if s == split}
+        doc = {"images": [im for s, im in images if s == split], "categories": cats,
+               "annotations": [a for a in anns if a["image_id"] in ids]}
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_coco_without_pycocotools_says_how_to_install(tmp_path, monkeypatch):
+    root = _coco(tmp_path / "coco")
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # as if it were not installed
+    with pytest.raises(DataError, match=r"pip install 'messearch\[coco\]'"):
+        build_dataset(f"coco:{root}", "val", (H, W))
+
+
+def test_coco_voc_categories_overlap_ignored(tmp_path):
+    pytest.importorskip("pycocotools")
+    root = _coco(tmp_path / "coco")
+    val = build_dataset(f"coco:{root}", "val", (H, W), num_classes=21)
+    assert val.image_ids == ["000000000011", "000000000012"]
+    y = val[0][1]
+    assert y[5, 5] == 15 and y[15, 15] == 7 and y[10, 10] == 255 and y[5, 25] == 0 and y[19, 0] == 0
+    assert set(y.unique().tolist()) == {0, 7, 15, 255}
+    assert torch.equal(pickle.loads(pickle.dumps(val))[0][1], y)
+    # torchvision's train filter: images whose kept annotations cover <= 1000 px of area are dropped.
+    assert build_dataset(f"coco:{root}", "train", (H, W)).image_ids == ["000000000001"]
+    assert check_dataset(f"coco:{root}", "val", deep=True)["images"] == 2
+    doc = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    doc["annotations"][0]["category_id"] = 999
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="instances_val2017.json: annotation 111 has category_id 999"):
+        check_dataset(f"coco:{root}", "val")
+
+
+def test_missing_root_split_list_and_label(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'nope'}: camvid data root not found"):
+        check_dataset(f"camvid:{tmp_path / 'nope'}", "val")
+    root = _camvid(tmp_path / "camvid")
+    with pytest.raises(DataError, match="test.txt: split list not found"):
+        check_dataset(f"camvid:{root}", "test")
+    (root / "valannot" / "val1.png").unlink()
+    with pytest.raises(DataError, match=r"valannot/val1.png: label of image .*val1.jpg not found"):
+        check_dataset(f"camvid:{root}", "val")
+    (root / "train.txt").write_text("train/train0.jpg\n")
+    with pytest.raises(DataError, match=r"train.txt:1: .* has no label path"):
+        build_dataset(f"camvid:{root}", "train", (H, W))
+    cs = tmp_path / "cs"
+    _save(cs / "leftImg8bit" / "val" / "bonn" / "bonn_1_leftImg8bit.png", _rgb(0))
+    (cs / "gtFine" / "val" / "bonn").mkdir(parents=True)
+    with pytest.raises(DataError, match="bonn_1_leftImg8bit.png: image without its label .*bonn_1_gtFine_labelIds.png"):
+        check_dataset(f"cityscapes:{cs}", "val")
+    with pytest.raises(DataError, match="the space has num_classes=19 but camvid has 11 classes"):
+        check_dataset(f"camvid:{root}", "val", num_classes=19)
+
+
+def test_unreadable_truncated_and_bad_labels(tmp_path):
+    root = _camvid(tmp_path / "camvid")
+    spec = f"camvid:{root}"
+    # Garbage header: caught by the fast scan.
+    (root / "train" / "train1.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match=r"train1.jpg: cannot read image header"):
+        check_dataset(spec, "train")
+    # Truncated image: the header is fine, the full decode (deep scan, or loading the item) is not.
+    _save(root / "train" / "train1.jpg", _rgb(9))
+    _truncate(root / "train" / "train1.jpg")
+    check_dataset(spec, "train")
+    with pytest.raises(DataError, match=r"train1.jpg: cannot read image"):
+        check_dataset(spec, "train", deep=True)
+    with pytest.raises(DataError, match=r"train1.jpg: cannot read image"):
+        build_dataset(spec, "train", (H, W))[1]
+    # Truncated label map.
+    _truncate(root / "valannot" / "val0.png")
+    with pytest.raises(DataError, match=r"val0.png: cannot read label map"):
+        build_dataset(spec, "val", (H, W))[0]
+    # A label value outside the classes names the file and the value.
+    _save(root / "valannot" / "val1.png", _label([0, 12, 3]))
+    with pytest.raises(DataError, match=r"val1.png: label values \[12\] are outside the camvid classes"):
+        build_dataset(spec, "val", (H, W))[1]
+    # An RGB label map and a label of the wrong size are caught by the fast scan.
+    _save(root / "valannot" / "val0.png", np.zeros((H, W, 3), np.uint8))
+    with pytest.raises(DataError, match=r"val0.png: label map has mode RGB"):
+        check_dataset(spec, "val")
+    _save(root / "valannot" / "val0.png", np.zeros((H + 1, W), np.uint8))
+    with pytest.raises(DataError, match=rf"val0.png: label map is {W}x{H + 1} but its image"):
+        check_dataset(spec, "val")
+
+
+@pytest.mark.parametrize("kind, values, bad", [("cityscapes", [7, 40], 40), ("voc", [0, 21], 21),
+                                               ("ade20k", [1, 151], 151)])
+def test_label_values_outside_each_format(tmp_path, kind, values, bad):
+    if kind == "cityscapes":
+        img = _save(tmp_path / "leftImg8bit" / "val" / "c" / "c_1_leftImg8bit.png", _rgb(0))
+        lbl = tmp_path / "gtFine" / "val" / "c" / "c_1_gtFine_labelIds.png"
+    elif kind == "voc":
+        img = _save(tmp_path / "JPEGImages" / "a.jpg", _rgb(0))
+        lbl = tmp_path / "SegmentationClass" / "a.png"
+        (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+        (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("a\n")
+    else:
+        img = _save(tmp_path / "images" / "validation" / "a.jpg", _rgb(0))
+        lbl = tmp_path / "annotations" / "validation" / "a.png"
+    _save(lbl, _label(values), palette=(kind == "voc"))
+    assert img.is_file()
+    ds = build_dataset(f"{kind}:{tmp_path}", "val", (8, 8))
+    with pytest.raises(DataError, match=rf"{lbl.name}: label values \[{bad}\] are outside the {kind} classes"):
+        ds[0]
+    with pytest.raises(DataError, match=rf"label values \[{bad}\]"):
+        check_dataset(f"{kind}:{tmp_path}", "val", deep=True)
+
+
+@pytest.mark.skipif(not (CAMVID / "val.txt").is_file(), reason="shared CamVid copy not present")
+def test_real_camvid_val():
+    spec = f"camvid:{CAMVID}"
+    assert check_dataset(spec, "val", 11) == {"kind": "camvid", "split": "val", "images": 101, "num_classes": 11}
+    ds = build_dataset(spec, "val", (90, 120), num_classes=11)
+    hist = np.zeros(256, dtype=np.int64)
+    for i in range(len(ds)):
+        img, mask = ds.load(i)
+        assert img.shape == (360, 480, 3) and mask.shape == (360, 480)
+        hist += np.bincount(mask.ravel(), minlength=256)
+    present = set(np.flatnonzero(hist).tolist())
+    assert present <= set(range(11)) | {255} and 255 in present and len(present) == 12
+    top4 = [ds.class_names[c] for c in np.argsort(hist[:11])[::-1][:4]]
+    assert {"Sky", "Building", "Road"} <= set(top4), top4
+    labelled = hist[:11].sum()
+    for small in ("Pole", "SignSymbol", "Pedestrian"):
+        assert hist[ds.class_names.index(small)] < 0.02 * labelled
+    x, y = ds[0]
+    assert x.shape == (3, 90, 120) and y.shape == (90, 120) and y.dtype == torch.int64
+    assert torch.equal(ds[0][0], x)
