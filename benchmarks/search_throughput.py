@@ -1,0 +1,147 @@
+"""Search throughput on the reference space: one JSON line.
+
+Reference space: 500 images, deeplabv3_resnet50 at 520x520 (16 candidate positions: every Bottleneck block),
+8 head variants, up to 3 early exits, 20 shared thresholds, 21 classes (~5.9M configurations).
+Measures the whole search through Ray Tune (Ray start to Parquet written, num_cpus=2), and for comparison a
+plain per-architecture numpy loop and one-configuration-per-trial Tune, both on small samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from messearch.cache import CacheArrays
+from messearch.pareto import write_front
+from messearch.search import Costs, SearchSpec
+from messearch.tune_search import run_search
+
+POSITIONS = [f"backbone.layer{l}.{b}" for l, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for b in range(n)]
+HEADS = [f"head{j}" for j in range(8)]
+SIZE = 520
+
+
+def random_cache(seed: int = 0, n: int = 500, c: int = 21, n_bins: int = 20) -> CacheArrays:
+    """A consistent random cache: tp <= pred, tp <= gt, gt sums to the labelled pixels, n_above non-increasing
+    with n_above[..., 0] = n_pixels, conf_mean in [1/C, 1], deeper exits more accurate on average."""
+    rng = np.random.default_rng(seed)
+    e = len(POSITIONS) * len(HEADS) + 1
+    n_pixels = np.full(n, SIZE * SIZE, dtype=np.int64)
+    valid = n_pixels - rng.integers(0, SIZE * SIZE // 20, n)                     # ignore-index pixels removed
+    present = rng.random((n, c)) < 0.15
+    present[:, 0] = True                                                          # background everywhere
+    share = rng.dirichlet(np.ones(c), n) * present
+    share /= share.sum(axis=1, keepdims=True)
+    gt = np.floor(share * valid[:, None]).astype(np.int64)
+    gt[:, 0] += valid - gt.sum(axis=1)
+    depth = np.concatenate([np.repeat(np.linspace(0.0, 0.85, len(POSITIONS)), len(HEADS)), [1.0]])
+    head_q = np.concatenate([np.tile(np.linspace(0.0, 0.05, len(HEADS)), len(POSITIONS)), [0.05]])
+    difficulty = rng.beta(2, 5, n)[:, None]
+    acc = np.clip(0.55 + 0.35 * depth[None, :] + head_q[None, :] - 0.3 * difficulty
+                  + rng.normal(0, 0.05, (n, e)), 0.05, 0.99)
+    tp = rng.binomial(gt[:, None, :], acc[:, :, None])                            # [n, e, c]
+    errors = gt[:, None, :] - tp
+    to_other = np.ones((c, c)) - np.eye(c)
+    to_other /= to_other.sum(axis=1, keepdims=True)
+    moved = rng.multinomial(errors, to_other)                                     # [n, e, c_from, c_to]
+    pred = tp + moved.sum(axis=2)
+    conf = np.clip(acc + rng.normal(0, 0.05, (n, e)), 1.0 / c, 1.0)
+    lo = np.clip(2 * conf - 1, 1.0 / c, None)                                     # pixel conf ~ U[lo, 1], mean ~ conf
+    edges = np.arange(n_bins + 1) / n_bins
+    frac = np.clip((1 - np.maximum(edges[None, None, :], lo[..., None])) / (1 - lo[..., None] + 1e-12), 0, 1)
+    n_above = np.minimum.accumulate(np.floor(frac * n_pixels[:, None, None]).astype(np.int64), axis=2)
+    n_above[..., 0] = n_pixels[:, None]
+    return CacheArrays(image_ids=[f"img{i:04d}" for i in range(n)], positions=POSITIONS, heads=HEADS, tp=tp,
+                       pred=pred, gt=gt, conf_mean=conf, n_above=n_above, n_pixels=n_pixels, meta={"n_bins": n_bins})
+
+
+def reference_macs() -> Costs:
+    """Plausible MACs of deeplabv3_resnet50 at 520x520 (output stride 8): ~178 GMACs with the ASPP head."""
+    g = 10 ** 9
+    per_block = [3.3] * 3 + [4.4, 3.7, 3.7, 3.7] + [15.5] + [14.9] * 5 + [16.0, 14.6, 14.6]
+    bb = (np.cumsum(per_block) + 2.4) * g
+    width = np.array([1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4, 8, 8, 8], dtype=float)
+    head = (0.4 + 0.35 * width[:, None] * np.linspace(0.5, 2.0, len(HEADS))[None, :]) * g
+    return Costs(POSITIONS, HEADS, bb.astype(np.int64), int(bb[-1]), head.astype(np.int64), int(15.3 * g), "macs")
+
+
+def plain_numpy_rate(cache: CacheArrays, spec: SearchSpec, n_arch: int = 200, seed: int = 0) -> float:
+    """Configurations/s of a plain loop: one architecture at a time, all thresholds, numpy inside."""
+    rng = np.random.default_rng(seed)
+    thr = np.asarray(spec.thresholds)
+    x = np.concatenate([cache.tp, cache.pred], axis=2)
+    gt = cache.gt.sum(axis=0)
+    from messearch import stats
+    archs = [tuple(sorted(rng.choice(len(POSITIONS), 3, replace=False))) for _ in range(n_arch)]
+    t0 = time.perf_counter()
+    for pos in archs:
+        hs = rng.integers(0, len(HEADS), 3)
+        ex = [p * len(HEADS) + h for p, h in zip(pos, hs)] + [x.shape[1] - 1]
+        passed = cache.conf_mean[:, ex[:-1], None] >= thr[None, None, :]          # [N, k, T]
+        passed = np.concatenate([passed, np.ones((cache.n_images, 1, len(thr)), bool)], axis=1)
+        taken = np.argmax(passed, axis=1)                                         # [N, T]
+        counts = np.stack([x[np.arange(cache.n_images), np.asarray(ex)[taken[:, t]]].sum(axis=0)
+                           for t in range(len(thr))])
+        c = cache.gt.shape[1]
+        stats.miou_from_counts(counts[:, :c], counts[:, c:], gt)
+    return n_arch * len(thr) / (time.perf_counter() - t0)
+
+
+def per_trial_tune_rate(cache: CacheArrays, trials: int = 10) -> float:
+    """Configurations/s when every Tune trial evaluates one configuration (default Tune settings)."""
+    from ray import tune
+    x = np.concatenate([cache.tp, cache.pred], axis=2)
+
+    def one(config, x=None, conf=None):
+        ex = [config["e"], x.shape[1] - 1]
+        taken = np.where(conf[:, ex[0]] >= 0.7, ex[0], ex[1])
+        tune.report({"tp0": int(x[np.arange(len(taken)), taken, 0].sum())})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        grid = tune.Tuner(tune.with_parameters(one, x=x, conf=cache.conf_mean),
+                          param_space={"e": tune.grid_search(list(range(trials)))},
+                          run_config=tune.RunConfig(storage_path=d, verbose=0)).fit()
+        assert not grid.errors
+    return trials / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--num-cpus", type=int, default=2)
+    args = ap.parse_args()
+    import ray
+    cache = random_cache()
+    macs = reference_macs()
+    spec = SearchSpec(positions=POSITIONS, heads=HEADS, thresholds=tuple(np.round(np.linspace(0.5, 0.975, 20), 4)),
+                      max_exits=3)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        df = run_search(cache, spec, macs, shards=args.shards, storage_path=os.path.join(d, "tune"), verbose=False)
+        write_front(df, os.path.join(d, "pareto.parquet"), {"mode": spec.mode, "thresholds": spec.thresholds_mode})
+        seconds = time.perf_counter() - t0
+        numpy_rate = plain_numpy_rate(cache, spec)
+        trial_rate = per_trial_tune_rate(cache)
+        ray.shutdown()
+    n = df.attrs["n_evaluated"]
+    rate = n / seconds
+    print(json.dumps({
+        "n_configs": n, "front_size": len(df), "seconds": round(seconds, 2), "configs_per_s": round(rate),
+        "num_cpus": args.num_cpus, "shards": args.shards,
+        "numpy_loop_configs_per_s": round(numpy_rate), "tune_per_trial_configs_per_s": round(trial_rate, 2),
+        "speedup_vs_numpy_loop": round(rate / numpy_rate, 1), "speedup_vs_per_trial_tune": round(rate / trial_rate),
+        "best_speedup_at_0.5pp": round(float(df[df.miou_delta_pp >= -0.5].speedup.max()), 3),
+    }))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The vectorised search against a brute-force evaluation written plainly, on random small caches."""
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from messearch import stats
+from messearch.cache import CacheArrays
+from messearch.errors import MessError
+from messearch.pareto import config_id, read_front, write_front
+from messearch.search import Costs, SearchSpec
+from messearch.tune_search import evaluate_configs, run_search, search_local
+
+N_BINS = 4
+
+
+def make_cache(seed, n_pos, n_heads, n_images, n_classes, size=4):
+    """A consistent cache from real logits and masks through stats.exit_statistics (deeper exits sharper)."""
+    g = torch.Generator().manual_seed(seed)
+    positions = [f"backbone.layer{i + 1}.0" for i in range(n_pos)]
+    heads = [f"h{j}" for j in range(n_heads)]
+    mask = torch.randint(0, n_classes, (n_images, size, size), generator=g)
+    mask[torch.rand(mask.shape, generator=g) < 0.1] = 255
+    parts = []
+    n_exit = n_pos * n_heads + 1
+    for e in range(n_exit):
+        logits = torch.randn(n_images, n_classes, size, size, generator=g) * (1 + e % 3)
+        # some exits copy the final head's sharpness so confidences and predictions repeat (ties)
+        parts.append(stats.exit_statistics(logits, mask, n_classes, 255, N_BINS))
+    st_ = {k: torch.stack([p[k] for p in parts], dim=1).numpy() for k in ("tp", "pred", "conf_mean", "n_above")}
+    return CacheArrays(image_ids=[f"i{i}" for i in range(n_images)], positions=positions, heads=heads,
+                       tp=st_["tp"], pred=st_["pred"], gt=parts[0]["gt"].numpy(), conf_mean=st_["conf_mean"],
+                       n_above=st_["n_above"], n_pixels=np.full(n_images, size * size, dtype=np.int64),
+                       meta={"n_bins": N_BINS})
+
+
+def make_costs(seed, positions, heads, unit="macs"):
+    rng = np.random.default_rng(seed)
+    p, h = len(positions), len(heads)
+    if unit == "macs":
+        bb = np.cumsum(rng.integers(1, 4, p)) * 10**9
+        # head costs from a small set so that different configurations can cost the same (ties)
+        return Costs(positions, heads, bb, int(bb[-1] + 10**9), rng.integers(0, 3, (p, h)) * 10**8, 5 * 10**8, "macs")
+    bb = np.cumsum(rng.uniform(0.5, 2.0, p))
+    return Costs(positions, heads, bb, float(bb[-1] + 0.7), rng.uniform(0.0, 0.3, (p, h)), 0.4, "ms")
+
+
+# ------------------------------------------------------------------------------------------ brute force
+
+def brute_force_rows(cache, spec, macs, latencies):
+    """Every configuration one at a time, image by image, with Python loops; the same formulas as DESIGN.md."""
+    n = cache.n_images
+    gt = cache.gt.sum(axis=0)
+    final = cache.tp.shape[1] - 1
+
+    def confidence(i, e):
+        if spec.policy_kind == "mean":
+            return float(cache.conf_mean[i, e])
+        return float(np.float64(cache.n_above[i, e, spec.pixel_threshold_bin]) / np.float64(cache.n_pixels[i]))
+
+    def cost(table, exits, n_at, n_final):
+        ints = table.unit == "macs"
+        acc, h = (0, 0) if ints else (0.0, 0.0)
+        for (p, hh), nj in zip(exits, n_at):
+            pi, hi = table.positions.index(p), table.heads.index(hh)
+            hv = int(table.head[pi, hi]) if ints else float(table.head[pi, hi])
+            h = h + hv
+            acc = acc + nj * ((int(table.backbone_to[pi]) if ints else float(table.backbone_to[pi])) + h)
+        total = int(table.backbone_total) if ints else float(table.backbone_total)
+        fin = int(table.final) if ints else float(table.final)
+        return acc + n_final * ((total + h) + fin)
+
+    def row(kind, exits, thresholds, static=False):
+        tp = np.zeros(cache.gt.shape[1], dtype=np.int64)
+        pred = np.zeros_like(tp)
+        n_at = [0] * len(exits)
+        n_final = 0
+        for i in range(n):
+            taken = None
+            for j, ((p, h), t) in enumerate(zip(exits, thresholds)):
+                if static or confidence(i, cache.exit_index(p, h)) >= t:
+                    taken = j
+                    break
+            e = final if taken is None else cache.exit_index(*exits[taken])
+            if taken is None:
+                n_final += 1
+            else:
+                n_at[taken] += 1
+            tp += cache.tp[i, e]
+            pred += cache.pred[i, e]
+        r = {"kind": kind, "n_exits": len(exits), "positions": [p for p, _ in exits], "heads": [h for _, h in exits],
+             "thresholds": [float(t) for t in thresholds],
+             "miou": float(stats.miou_from_counts(tp, pred, gt)), "pixel_acc": float(stats.pixel_accuracy(tp, gt)),
+             "exit_rates": [x / n for x in n_at] + [n_final / n]}
+        r["macsum"] = cost(macs, exits, n_at, n_final)
+        r["mean_gmacs"] = r["macsum"] / n / 1e9
+        for dev, table in latencies.items():
+            r[f"latency_ms_{dev}"] = cost(table, exits, n_at, n_final) / n
+        r["config_id"] = config_id(kind, r["positions"], r["heads"], r["thresholds"])
+        return r
+
+    rows = [row("reference", [], [])]
+    for k in range(1, spec.max_exits + 1):
+        for pos in itertools.combinations(spec.positions, k):
+            for hs in itertools.product(spec.heads, repeat=k):
+                if spec.thresholds_mode == "shared":
+                    combos = [(t,) * k for t in spec.thresholds]
+                else:
+                    combos = itertools.product(spec.thresholds, repeat=k)
+                for ts in combos:
+                    rows.append(row("cascade", list(zip(pos, hs)), list(ts)))
+    if spec.mode == "single":
+        for p in spec.positions:
+            for h in spec.heads:
+                rows.append(row("static", [(p, h)], [0.0], static=True))
+    ref = rows[0]
+    for r in rows:
+        r["speedup"] = ref["macsum"] / r["macsum"]
+        r["miou_delta_pp"] = (r["miou"] - ref["miou"]) * 100
+        r["is_reference"] = r["kind"] == "reference"
+    return rows
+
+
+def brute_force_front(rows, latencies, spec):
+    """Non-dominated rows (O(M^2) loops), one per objective vector by (n_exits, config_id), constraints, reference."""
+    def obj(r):
+        return (-r["miou"], r["mean_gmacs"]) + tuple(r[f"latency_ms_{d}"] for d in sorted(latencies))
+
+    def feasible(r):
+        return ((spec.max_gmacs is None or r["mean_gmacs"] <= spec.max_gmacs)
+                and (spec.min_miou is None or r["miou"] >= spec.min_miou)
+                and (spec.max_miou_drop_pp is None or r["miou_delta_pp"] >= -spec.max_miou_drop_pp)
+                and all(r[f"latency_ms_{d}"] <= ms for d, ms in spec.max_latency_ms.items()))
+    objs = [obj(r) for r in rows]
+    front = []
+    for i, a in enumerate(objs):
+        dominated = any(all(x <= y for x, y in zip(b, a)) and b != a for b in objs)
+        if not dominated:
+            front.append(i)
+    best = {}
+    for i in front:
+        key = (rows[i]["n_exits"], rows[i]["config_id"])
+        if objs[i] not in best or key < best[objs[i]][0]:
+            best[objs[i]] = (key, i)
+    keep = {i for _, i in best.values() if feasible(rows[i]) and not rows[i]["is_reference"]}
+    keep.add(0)
+    return [rows[i] for i in sorted(keep)]
+
+
+COLUMNS = ["config_id", "kind", "n_exits", "positions", "heads", "thresholds", "miou", "pixel_acc", "mean_gmacs",
+           "exit_rates", "speedup", "miou_delta_pp", "is_reference"]
+
+
+def assert_same_rows(df, expected, latencies):
+    cols = COLUMNS + [f"latency_ms_{d}" for d in sorted(latencies)]
+    got = df.sort_values("config_id").reset_index(drop=True)
+    want = sorted(expected, key=lambda r: r["config_id"])
+    assert list(got["config_id"]) == [r["config_id"] for r in want]
+    for (_, g), w in zip(got.iterrows(), want):
+        for c in cols:
+            gv = list(g[c]) if isinstance(w[c], list) else g[c]
+            assert gv == w[c], (c, g["config_id"], gv, w[c])   # exact, not approximate
+
+
+def assert_no_row_dominated(df):
+    o = np.stack([-df["miou"], df["mean_gmacs"]] + [df[c] for c in df if c.startswith("latency_ms_")], axis=1)
+    rest = o[~df["is_reference"].to_numpy()]
+    for a in rest:
+        assert not np.any(np.all(rest <= a, axis=1) & np.any(rest < a, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------- the tests
+
+@st.composite
+def problems(draw, per_exit=False):
+    n_pos = draw(st.integers(2, 4))
+    n_heads = draw(st.integers(1, 3))
+    n_thr = draw(st.integers(2, 3 if per_exit else 4))
+    thresholds = tuple(draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.6, 0.75, 1.0]), min_size=n_thr,
+                                     max_size=n_thr, unique=True)))
+    cache = make_cache(draw(st.integers(0, 10**6)), n_pos, n_heads, draw(st.integers(3, 12)), draw(st.integers(2, 4)))
+    fraction = draw(st.booleans())
+    spec = SearchSpec(positions=list(cache.positions), heads=list(cache.heads), thresholds=thresholds,
+                      max_exits=draw(st.integers(1, 2 if per_exit else 3)),
+                      thresholds_mode="per-exit" if per_exit else "shared",
+                      mode=draw(st.sampled_from(["cascade", "single"])),
+                      policy_kind="fraction" if fraction else "mean", pixel_threshold_bin=2 if fraction else None)
+    seed = draw(st.integers(0, 1000))
+    macs = make_costs(seed, cache.positions, cache.heads)
+    latencies = {"cpu": make_costs(seed + 1, cache.positions, cache.heads, "ms")} if draw(st.booleans()) else {}
+    return cache, spec, macs, latencies
+
+
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@SETTINGS
+@given(problems(), st.integers(1, 5))
+def test_front_equals_brute_force_shared(problem, shards):
+    cache, spec, macs, latencies = problem
+    rows = brute_force_rows(cache, spec, macs, latencies)
+    df = search_local(cache, spec, macs, latencies, shards=shards)
+    assert_same_rows(df, brute_force_front(rows, latencies, spec), latencies)
+    assert_no_row_dominated(df)
+    assert df.attrs["n_evaluated"] == len(rows) - 1 == spec.n_configs()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(problems(per_exit=True), st.integers(1, 3))
+def test_front_equals_brute_force_per_exit(problem, shards):
+    cache, spec, macs, latencies = problem
+    rows = brute_force_rows(cache, spec, macs, latencies)
+    df = search_local(cache, spec, macs, latencies, shards=shards)
+    assert_same_rows(df, brute_force_front(rows, latencies, spec), latencies)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(problems())
+def test_every_configuration_equals_brute_force(problem):
+    cache, spec, macs, latencies = problem
+    rows = brute_force_rows(cache, spec, macs, latencies)
+    df = evaluate_configs(cache, spec, macs, latencies)
+    assert len(df) == len(rows) and df["config_id"].is_unique
+    assert_same_rows(df, rows, latencies)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(problems(), st.floats(0.0, 3.0), st.floats(0.0, 1.0))
+def test_constraints_filter_the_front(problem, drop_pp, gmacs_share):
+    cache, spec, macs, latencies = problem
+    rows = brute_force_rows(cache, spec, macs, latencies)
+    spec.max_miou_drop_pp = drop_pp
+    spec.max_gmacs = rows[0]["mean_gmacs"] * (0.5 + gmacs_share)
+    expected = brute_force_front(rows, latencies, spec)
+    if len(expected) == 1:
+        with pytest.raises(MessError, match="no configuration meets the constraints"):
+            search_local(cache, spec, macs, latencies)
+    else:
+        assert_same_rows(search_local(cache, spec, macs, latencies, shards=2), expected, latencies)
+
+
+def test_ties_resolved_by_fewest_exits_then_config_id():
+    # one image, every exit a copy of the final head with confidence 1: all cascades that exit at the first
+    # exit with the same cost tie; the 1-exit configuration must win, the rest by config_id
+    cache = make_cache(3, 3, 2, 1, 2)
+    cache.tp[:] = cache.tp[:, -1:]
+    cache.pred[:] = cache.pred[:, -1:]
+    cache.conf_mean[:] = 1.0
+    pos, heads = cache.positions, cache.heads
+    macs = Costs(pos, heads, np.array([10, 20, 30]) * 10**9, 40 * 10**9, np.zeros((3, 2), dtype=np.int64), 10**9)
+    spec = SearchSpec(positions=pos, heads=heads, thresholds=(0.5, 0.9), max_exits=3)
+    df = search_local(cache, spec, macs, shards=3)
+    rows = brute_force_rows(cache, spec, macs, {})
+    assert_same_rows(df, brute_force_front(rows, {}, spec), {})
+    cheapest = df.iloc[0]
+    assert cheapest["n_exits"] == 1 and cheapest["positions"] == [pos[0]]
+    ties = [r for r in rows if r["n_exits"] == 1 and r["positions"] == [pos[0]]]
+    assert cheapest["config_id"] == min(r["config_id"] for r in ties)
+
+
+def test_bad_input_is_named():
+    cache = make_cache(0, 2, 1, 3, 2)
+    macs = make_costs(0, cache.positions, cache.heads)
+    with pytest.raises(MessError, match="another space or checkpoint"):
+        search_local(cache, SearchSpec(["backbone.layer9.9"], cache.heads, (0.5,)), macs)
+    with pytest.raises(MessError, match="distinct"):
+        search_local(cache, SearchSpec(cache.positions, cache.heads, (0.5, 0.5)), macs)
+    with pytest.raises(MessError, match="--force"):
+        big = SearchSpec(cache.positions, cache.heads, tuple(np.linspace(0, 1, 200_000)), max_exits=2,
+                         thresholds_mode="per-exit")
+        search_local(cache, big, macs)
+    with pytest.raises(MessError, match="without a profile"):
+        search_local(cache, SearchSpec(cache.positions, cache.heads, (0.5,), max_latency_ms={"gpu": 1.0}), macs)
+
+
+def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_path):
+    cache = make_cache(7, 3, 2, 10, 3)
+    macs = make_costs(7, cache.positions, cache.heads)
+    spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
+                      mode="single")
+    df = run_search(cache, spec, macs, shards=2, storage_path=tmp_path / "tune", keep_all_dir=tmp_path / "all",
+                    verbose=False)
+    assert_same_rows(df, brute_force_front(brute_force_rows(cache, spec, macs, {}), {}, spec), {})
+    out = tmp_path / "pareto.parquet"
+    write_front(df, out, {"space_text": "x: 1", "space_source": "s.yaml", "checkpoint_sha256": "ab",
+                          "cache_sha256": "cd", "mode": spec.mode, "thresholds": spec.thresholds_mode})
+    back = pd.read_parquet(out)
+    assert list(back["config_id"]) == list(df["config_id"])
+    assert back["is_reference"].sum() == 1 and back["thresholds"].map(list).tolist() == df["thresholds"].tolist()
+    _, meta = read_front(out)
+    assert meta["schema_version"] == "1" and meta["thresholds"] == "shared"
+    every = pd.read_parquet(tmp_path / "all")
+    assert len(every) == spec.n_configs() and every["config_id"].is_unique
+    assert set(df["config_id"]) - {"reference"} <= set(every["config_id"])
