@@ -136,6 +136,8 @@ def main() -> None:
     print(json.dumps({
         "n_configs": n, "front_size": len(df), "seconds": round(seconds, 2), "configs_per_s": round(rate),
         "num_cpus": args.num_cpus, "shards": args.shards,
+        "evaluator_configs_per_cpu_s": round(n / df.attrs["shard_cpu_s"]),
+        "load_average_1min": round(os.getloadavg()[0], 1),
         "numpy_loop_configs_per_s": round(numpy_rate), "tune_per_trial_configs_per_s": round(trial_rate, 2),
         "speedup_vs_numpy_loop": round(rate / numpy_rate, 1), "speedup_vs_per_trial_tune": round(rate / trial_rate),
         "best_speedup_at_0.5pp": round(float(df[df.miou_delta_pp >= -0.5].speedup.max()), 3),

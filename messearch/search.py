@@ -105,6 +105,7 @@ class Prepared:
     gt: np.ndarray           # int64 [C] labelled pixels per class over the split
     costs: dict              # "macs" and "lat:<device>" -> (backbone_to[E], head[E], backbone_total, final)
     devices: list[str]
+    chunks: list = field(default_factory=list)   # image runs summed exactly in xd's dtype (see _image_chunks)
 
     @property
     def n_exits(self) -> int:
@@ -156,6 +157,7 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: Costs, latencies: dict |
     diff = x[:, ex, :] - x[:, final:final + 1, :]
     xd = np.concatenate([diff, np.ones((n, len(ex), 1), dtype=np.int64)], axis=2)
     base = np.concatenate([x[:, final, :].sum(axis=0), [0]]).astype(np.int64)
+    dtype, chunks = _image_chunks(diff)
     if macs.unit != "macs":
         raise MessError(f"the MAC cost table has unit {macs.unit!r}; expected 'macs'")
     costs = {"macs": _cost_arrays(macs, spec, True, "the MAC")}
@@ -166,16 +168,33 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: Costs, latencies: dict |
         raise MessError(f"latency constraints name devices {unknown} without a profile; profiled: {sorted(latencies)}")
     return Prepared(n=n, n_classes=c, positions=list(spec.positions), heads=list(spec.heads), thresholds=thr,
                     shared=spec.thresholds_mode == "shared", max_exits=min(int(spec.max_exits), len(spec.positions)), fail=fail,
-                    xd=xd.astype(_exact_dtype(diff)), base=base, gt=cache.gt.sum(axis=0).astype(np.int64),
+                    xd=xd.astype(dtype), chunks=chunks, base=base, gt=cache.gt.sum(axis=0).astype(np.int64),
                     costs=costs, devices=sorted(latencies))
 
 
-def _exact_dtype(diff: np.ndarray):
-    """float32 when no sum over images can reach 2**24 (then float32 BLAS is exact), else float64 (exact below 2**53)."""
-    bound = int(np.abs(diff).max(axis=(1, 2)).sum()) if diff.size else 0
-    if bound >= 2 ** 53:
-        raise MessError(f"pixel counts too large for exact sums ({bound}); split the split into smaller caches")
-    return np.float32 if max(bound, diff.shape[0]) < 2 ** 24 else np.float64
+def _image_chunks(diff: np.ndarray, max_chunks: int = 4):
+    """Cut the images into runs whose sums cannot reach 2**24, so float32 BLAS on each run is exact.
+
+    Every partial sum of a 0/1-weighted run is bounded by the sum over the run of each image's largest |entry|;
+    below 2**24 float32 holds it exactly. When that needs more than max_chunks runs, one float64 run (exact
+    below 2**53) is cheaper. Returns (dtype, [(start, stop), ...]).
+    """
+    n = diff.shape[0]
+    per_image = np.maximum(np.abs(diff).max(axis=(1, 2)), 1) if diff.size else np.ones(n, dtype=np.int64)
+    if int(per_image.sum()) >= 2 ** 53:
+        raise MessError(f"pixel counts too large for exact sums ({int(per_image.sum())}); use a smaller split per cache")
+    if n == 0 or int(per_image.max()) >= 2 ** 24:
+        return np.float64, [(0, n)]
+    chunks, start, acc = [], 0, 0
+    for i, b in enumerate(per_image.tolist()):
+        if acc + b >= 2 ** 24:
+            chunks.append((start, i))
+            start, acc = i, 0
+        acc += b
+    chunks.append((start, n))
+    if len(chunks) > max_chunks:
+        return np.float64, [(0, n)]
+    return np.float32, chunks
 
 
 # ----------------------------------------------------------------------------------------- metrics of blocks
@@ -298,16 +317,21 @@ def _extend(prep: Prepared, g: Group, dsub: np.ndarray, col_exits, col_t, chunk_
     ncol, tcn = len(col_exits), len(col_t)
     # only images that some prefix lets through and some new exit lets out can change a count
     live = g.s.any(axis=0) & ~np.all(prep.fail[:, col_exits][:, :, col_t], axis=(1, 2))
-    ia = np.flatnonzero(live)
-    if len(ia) >= 0.75 * n:   # gathering costs more than it saves
-        ia = np.arange(n)
-    dmat = dsub[ia].reshape(len(ia), ncol * tcn * w) if len(ia) < n else dsub.reshape(n, ncol * tcn * w)
+    runs = []
+    for a, z in prep.chunks:
+        ia = a + np.flatnonzero(live[a:z])
+        if len(ia) >= 0.75 * (z - a):   # gathering costs more than it saves
+            ia = slice(a, z)
+        elif len(ia) == 0:
+            continue
+        runs.append((ia, dsub[ia].reshape(-1, ncol * tcn * w)))
     step = max(1, chunk_elems // max(1, ncol * tcn * w))
     for r0 in range(0, len(g.counts), step):
         r1 = min(len(g.counts), r0 + step)
-        s = g.s[r0:r1][:, ia] if len(ia) < n else g.s[r0:r1]
-        out = (s.astype(dmat.dtype) @ dmat).reshape(r1 - r0, ncol, tcn, w)
-        counts = out + g.counts[r0:r1, None, None, :]          # float64: exact integers below 2**53
+        counts = np.broadcast_to(g.counts[r0:r1, None, :], (r1 - r0, 1, w)).repeat(ncol * tcn, axis=1)
+        for ia, dmat in runs:   # each run's product is exact in its dtype; the float64 sum is exact below 2**53
+            counts += (g.s[r0:r1, ia].astype(dmat.dtype) @ dmat).reshape(r1 - r0, ncol * tcn, w)
+        counts = counts.reshape(r1 - r0, ncol, tcn, w)
         n_new = counts[..., w - 1] - g.counts[r0:r1, None, None, w - 1]
         n_final = n - counts[..., w - 1]
         acc, hsum, total = {}, {}, {}

@@ -252,10 +252,12 @@ def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, plan=
         if time.monotonic() - last[0] > 1.0:   # a report costs a round trip: at most one a second
             last[0] = time.monotonic()
             tune.report({"n_evaluated": sink.n_evaluated, "front_size": sink.size, "done": False})
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     rows, n = evaluate_shard(prep, plan[shard], keep_all_dir, f"shard{shard}", progress)
     with tempfile.TemporaryDirectory() as d:
         np.savez(os.path.join(d, "rows.npz"), **(rows or {}))
-        tune.report({"n_evaluated": n, "front_size": len(rows.get("miou", [])), "done": True},
+        tune.report({"n_evaluated": n, "front_size": len(rows.get("miou", [])), "done": True,
+                     "cpu_s": time.process_time() - cpu0, "eval_s": time.perf_counter() - wall0},
                     checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -293,10 +295,8 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     import ray
     from ray import tune
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        addr = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=addr, include_dashboard=False, log_to_driver=False) if addr else \
-            ray.init(include_dashboard=False, log_to_driver=False)
+    from .ray_runtime import connect
+    connect(address)
     cores = int(ray.cluster_resources().get("CPU", 1))
     est = check_size(spec, cache.n_images, cache.gt.shape[1], cores, force)
     prep = prepare(cache, spec, macs, latencies)   # validates everything before any trial starts
@@ -329,7 +329,7 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     grid = tuner.fit()
     if grid.errors:
         raise MessError(f"{len(grid.errors)} search shard(s) failed after retries: {grid.errors[0]}")
-    parts, total = [], 0
+    parts, total, cpu_s = [], 0, 0.0
     for result in grid:
         if result.checkpoint is None:
             raise MessError(f"search shard {result.config.get('shard')} finished without its result")
@@ -337,6 +337,8 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
             with np.load(os.path.join(d, "rows.npz"), allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
         total += int(result.metrics.get("n_evaluated", 0))
+        cpu_s += float(result.metrics.get("cpu_s", 0.0))
     df = finish_front(prep, spec, parts)
-    df.attrs.update(n_evaluated=total, seconds=time.perf_counter() - t0)
+    # shard_cpu_s: CPU seconds the shards spent evaluating (configurations per CPU second = per-core speed)
+    df.attrs.update(n_evaluated=total, seconds=time.perf_counter() - t0, shard_cpu_s=cpu_s)
     return df

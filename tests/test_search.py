@@ -298,3 +298,20 @@ def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_pat
     every = pd.read_parquet(tmp_path / "all")
     assert len(every) == spec.n_configs() and every["config_id"].is_unique
     assert set(df["config_id"]) - {"reference"} <= set(every["config_id"])
+
+
+@pytest.mark.parametrize("scale", [2**19, 2**21])
+def test_large_pixel_counts_stay_exact(scale):
+    # counts large enough that float32 needs several image runs (2**19) or float64 (2**21): still bit-exact
+    cache = make_cache(11, 3, 2, 12, 3)
+    for name in ("tp", "pred", "gt", "n_above", "n_pixels"):
+        setattr(cache, name, getattr(cache, name) * scale)
+    macs = make_costs(11, cache.positions, cache.heads)
+    spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
+                      policy_kind="fraction", pixel_threshold_bin=2)
+    from messearch.search import prepare
+    prep = prepare(cache, spec, macs)
+    assert (prep.xd.dtype == np.float32 and len(prep.chunks) > 1) if scale == 2**19 else prep.xd.dtype == np.float64
+    rows = brute_force_rows(cache, spec, macs, {})
+    assert_same_rows(evaluate_configs(cache, spec, macs), rows, {})
+    assert_same_rows(search_local(cache, spec, macs, shards=2), brute_force_front(rows, {}, spec), {})
