@@ -20,7 +20,8 @@ import numpy as np
 
 from messearch.cache import CacheArrays
 from messearch.pareto import write_front
-from messearch.search import Costs, SearchSpec
+from messearch.costs import CostTable as Costs
+from messearch.search import SearchSpec
 from messearch.tune_search import run_search
 
 POSITIONS = [f"backbone.layer{l}.{b}" for l, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for b in range(n)]

@@ -14,31 +14,23 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import stats
+
 from .cache import CacheArrays
 from .errors import MessError
 from .pareto import nondominated_mask
+
+if TYPE_CHECKING:  # the cost model imports torchvision; trials only need the table's fields
+    from .costs import CostTable
 
 KIND_REFERENCE, KIND_CASCADE, KIND_STATIC = 0, 1, 2
 KIND_NAMES = {KIND_REFERENCE: "reference", KIND_CASCADE: "cascade", KIND_STATIC: "static"}
 # Rate the size estimate assumes (configurations per second per core), measured on the reference space.
 ASSUMED_RATE_PER_CORE = 1_000_000
-
-
-@dataclass
-class Costs:
-    """Per-segment costs in the shape of costs.CostTable: MACs (ints, unit "macs") or latency (ms floats, unit "ms")."""
-
-    positions: list[str]
-    heads: list[str]
-    backbone_to: np.ndarray   # [P] input -> output of position p (cumulative)
-    backbone_total: float     # the whole backbone
-    head: np.ndarray          # [P, H] each candidate head
-    final: float              # the original final head
-    unit: str = "macs"
 
 
 @dataclass
@@ -116,7 +108,7 @@ class Prepared:
         return self.xd.shape[2]
 
 
-def _cost_arrays(costs: Costs, spec: SearchSpec, integer: bool, what: str):
+def _cost_arrays(costs: CostTable, spec: SearchSpec, integer: bool, what: str):
     """Per candidate exit (position-major) the backbone cost to its position and its head cost."""
     for kind, names, mine in (("positions", costs.positions, spec.positions), ("heads", costs.heads, spec.heads)):
         missing = [x for x in mine if x not in list(names)]
@@ -131,7 +123,7 @@ def _cost_arrays(costs: Costs, spec: SearchSpec, integer: bool, what: str):
     return (np.repeat(bb, len(hi)), hd.reshape(-1), conv(costs.backbone_total), conv(costs.final))
 
 
-def prepare(cache: CacheArrays, spec: SearchSpec, macs: Costs, latencies: dict | None = None) -> Prepared:
+def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: dict | None = None) -> Prepared:
     """Check the cache against the spec and build the evaluator's arrays (float64 confidence, int64 counts)."""
     spec.validate()
     latencies = dict(latencies or {})

@@ -14,7 +14,8 @@ from messearch import stats
 from messearch.cache import CacheArrays
 from messearch.errors import MessError
 from messearch.pareto import config_id, read_front, write_front
-from messearch.search import Costs, SearchSpec
+from messearch.costs import CostTable as Costs
+from messearch.search import SearchSpec
 from messearch.tune_search import evaluate_configs, run_search, search_local
 
 N_BINS = 4
