@@ -24,9 +24,58 @@ def _run_info(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="build the pruned dynamic-exit model of one front row")
+    p.add_argument("--checkpoint", required=True, help="the MESS checkpoint the front was searched on (DIR/mess.pt)")
+    p.add_argument("--front", required=True, help="pareto.parquet")
+    p.add_argument("--config-id", required=True, help="config_id of the row to export")
+    p.add_argument("--out", required=True, help="output file (model.pt)")
+    p.add_argument("--torchscript", action="store_true", help="write a TorchScript archive (torch.jit.load alone runs it)")
+
+
+def _run_export(args) -> int:
+    from .export import build_export, save_exported
+
+    model = build_export(args.checkpoint, args.front, args.config_id)
+    path = save_exported(model, args.out, torchscript=args.torchscript)
+    meta = model.meta
+    cfg, costs = meta["config"], meta["costs"]
+    exits = ", ".join(f"{p}/{h}@{t:g}" for p, h, t in zip(cfg["positions"], cfg["heads"], cfg["thresholds"])) or "none"
+    print(f"exported {args.config_id} ({cfg['kind']}; exits: {exits}; final head "
+          f"{'kept' if cfg['kind'] != 'static' else 'pruned'}) to {path}"
+          f"{' (TorchScript)' if args.torchscript else ''}; reference {costs['reference'] / 1e9:.3f} GMACs")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="measure a model (exported or original): mIoU, exit rates, MACs, latency")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="an exported model (messearch export)")
+    g.add_argument("--checkpoint", help="a MESS checkpoint: evaluates the original model (backbone + final head)")
+    p.add_argument("--data", required=True, help="data spec, e.g. synthetic:0:64 or camvid:/path")
+    p.add_argument("--split", default="val")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up forwards")
+    p.add_argument("--compare-batch1", action="store_true", help="at batch > 1, count pixels that differ from batch 1")
+    p.add_argument("--threads", type=int, help="torch CPU threads (use the cache's count to compare exactly)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (keys as in pareto.parquet)")
+
+
+def _run_evaluate(args) -> int:
+    from .evaluate import evaluate, format_result, json_result
+
+    r = evaluate(args.model or args.checkpoint, args.data, args.split, device=args.device, batch_size=args.batch_size,
+                 warmup=args.warmup, progress=not args.json, compare_batch1=args.compare_batch1, threads=args.threads)
+    print(json.dumps(json_result(r)) if args.json else format_result(r))
+    return 0
+
+
 # Each command: (adder, runner). Add new commands here, in the order `--help` lists them.
 COMMANDS = {
     "info": (_add_info, _run_info),
+    "export": (_add_export, _run_export),
+    "evaluate": (_add_evaluate, _run_evaluate),
 }
 
 
