@@ -1,0 +1,167 @@
+"""Per-device latency profiles: the measured time of every backbone segment, candidate head and the final head.
+
+A profile is a Parquet file (one row per piece: kind in {segment, head, final}, segment index, position, head,
+ms = median time of one call at the profile's batch size) whose key-value metadata records the device's name,
+batch size, torch version and threads. `load_profile` turns it into a costs.CostTable with unit "ms", so the
+search predicts a configuration's latency exactly as it predicts its MACs.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+import numpy as np
+import torch
+
+from .costs import CostTable
+from .errors import MessError
+from .io import atomic_path, sha256_file
+
+FORMAT = "messearch/profile-v1"
+
+
+def device_name(device: torch.device) -> str:
+    """A human name of the device: the GPU's model, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MessError(f"--device {device!r}: allowed: cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise MessError(f"--device {device!r}: allowed: cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MessError(f"--device {device!r}: CUDA is not available on this machine")
+    return dev
+
+
+def _time(fn, min_run_time: float, threads: int) -> tuple[float, int]:
+    """Median milliseconds of one call of fn, and how many calls were timed (torch.utils.benchmark)."""
+    from torch.utils.benchmark import Timer
+
+    for _ in range(2):   # warm-up: allocator, cuDNN autotuning, lazy init
+        fn()
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    return m.median * 1e3, len(m.times) * m.number_per_run
+
+
+def profile_latency(checkpoint, device: str = "cpu", batch_size: int = 1, out=None, min_run_time: float = 0.1,
+                    threads: int | None = None, progress: bool = True):
+    """Time every backbone segment, candidate head and the final head of a MESS checkpoint on `device` at the
+    space's input size; write the profile to `out` (Parquet, atomically) when given; return it as a DataFrame."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from .checkpoint import load_checkpoint
+
+    dev = _device(device)
+    if batch_size < 1:
+        raise MessError(f"--batch-size {batch_size}: must be >= 1")
+    threads = int(threads or torch.get_num_threads())
+    net, space, _ = load_checkpoint(checkpoint)
+    net = net.to(dev)
+    size = tuple(space.input_size)
+    x = torch.randn(batch_size, 3, *size, device=dev)
+    # The input of every segment, every candidate feature and the final head's taps, computed once.
+    inputs, taps = [], {}
+    with torch.inference_mode():
+        h = x
+        for k in range(net.n_segments):
+            inputs.append(h)
+            h = net.segment(k, h, taps)
+        feats = [inputs[k + 1] for k in range(len(net.positions))]
+
+    def run(f, *args):
+        def call():
+            with torch.inference_mode():
+                f(*args)
+        return call
+
+    pieces = [("segment", k, net.positions[k] if k < len(net.positions) else "<end>", "",
+               run(net.segment, k, inputs[k], {})) for k in range(net.n_segments)]
+    pieces += [("head", i, p, hname, run(net.heads[i], feats[net.positions.index(p)], size))
+               for i, (p, hname) in enumerate(net.exits)]
+    pieces.append(("final", 0, "", "", run(net.final, taps, size)))
+    rows = []
+    for kind, k, pos, hname, fn in tqdm(pieces, desc=f"profile {device}", disable=not progress, file=sys.stderr):
+        ms, calls = _time(fn, min_run_time, threads)
+        rows.append({"kind": kind, "index": k, "position": pos, "head": hname, "ms": ms, "calls": calls})
+    df = pd.DataFrame(rows)
+    meta = {"format": FORMAT, "device": str(device), "device_name": device_name(dev), "batch_size": str(batch_size),
+            "torch_version": str(torch.__version__), "threads": str(threads), "input_size": json.dumps(list(size)),
+            "positions": json.dumps(net.positions), "heads": json.dumps([h.name for h in space.heads]),
+            "space_name": space.name, "checkpoint_sha256": sha256_file(checkpoint), "min_run_time": str(min_run_time)}
+    df.attrs.update(meta)
+    if out is not None:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k: v.encode() for k, v in meta.items()}})
+        with atomic_path(out) as tmp:
+            pq.write_table(table, tmp)
+    return df
+
+
+def read_profile(path) -> tuple[dict, "object"]:
+    """A profile's metadata (str -> str) and rows (DataFrame); a clear error if the file is not a profile."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise MessError(f"{path}: profile not found") from None
+    except Exception as e:
+        raise MessError(f"{path}: not a readable Parquet profile ({type(e).__name__}: {e})") from None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    if meta.get("format") != FORMAT:
+        raise MessError(f"{path}: not a messearch latency profile (expected format {FORMAT!r})")
+    return meta, table.to_pandas()
+
+
+def load_profile(path) -> tuple[str, CostTable]:
+    """The device name and latency CostTable (unit 'ms' per call at the profile's batch size) of a profile file."""
+    meta, df = read_profile(path)
+    positions, heads = json.loads(meta["positions"]), json.loads(meta["heads"])
+    seg = df[df.kind == "segment"].sort_values("index")["ms"].to_numpy(np.float64)
+    if len(seg) < len(positions) or (df.kind == "final").sum() != 1:
+        raise MessError(f"{path}: incomplete profile (needs {len(positions)}+ segments and one final head)")
+    head = np.full((len(positions), len(heads)), np.nan)
+    for r in df[df.kind == "head"].itertuples():
+        head[positions.index(r.position), heads.index(r.head)] = r.ms
+    if np.isnan(head).any():
+        raise MessError(f"{path}: incomplete profile (some candidate heads were not timed)")
+    cumulative = np.cumsum(seg)
+    table = CostTable(positions=positions, heads=heads, backbone_to=cumulative[:len(positions)].copy(),
+                      backbone_total=float(cumulative[-1]), head=head,
+                      final=float(df[df.kind == "final"]["ms"].iloc[0]), unit="ms")
+    return meta["device_name"], table
+
+
+def format_profile(df) -> str:
+    """A short table of a profile: per segment its own and cumulative ms, heads per position, the final head."""
+    a = df.attrs
+    lines = [f"device: {a.get('device_name')} ({a.get('device')}), batch {a.get('batch_size')}, "
+             f"{a.get('threads')} threads, torch {a.get('torch_version')}"]
+    seg = df[df.kind == "segment"]
+    heads = df[df.kind == "head"]
+    total = 0.0
+    for r in seg.itertuples():
+        total += r.ms
+        hs = "  ".join(f"{h.head} {h.ms:.3f}" for h in heads[heads.position == r.position].itertuples())
+        lines.append(f"  {r.position:<22} segment {r.ms:8.3f} ms  to here {total:8.3f} ms  heads: {hs}")
+    fin = float(df[df.kind == "final"]["ms"].iloc[0])
+    lines.append(f"  final head {fin:.3f} ms; original model (backbone + final) {total + fin:.3f} ms")
+    return "\n".join(lines)
