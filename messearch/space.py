@@ -46,6 +46,8 @@ class TrainSpec:
     temperature: float = 2.0        # stage 2: softening of the final head's prediction
     seed: int = 0
     num_workers: int = 0
+    train_images: int = 0           # use only the first N training images (0: all); tiny CPU runs
+    val_images: int = 0             # use only the first N validation images (0: all)
 
 
 @dataclass(frozen=True)
