@@ -24,6 +24,106 @@ def _run_info(args) -> int:
     return 0
 
 
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="Ray actors cache exact per-exit statistics of a split; resumable")
+    p.add_argument("--checkpoint", required=True, help="the MESS checkpoint (DIR/mess.pt)")
+    p.add_argument("--data", default=None, help="data spec (default: the checkpoint's), e.g. synthetic or camvid:PATH")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", required=True, help="cache folder (DIR/cache): Parquet shards + manifest.json")
+    p.add_argument("--actors", type=int, default=None, help="number of actors (default: one per GPU, else per CPU)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward (1 = exactly the deployed model)")
+    p.add_argument("--shard-size", type=int, default=None, help="images per shard (default 32)")
+    p.add_argument("--keep-confusion", action="store_true", help="also keep every (image, exit) confusion matrix")
+    p.add_argument("--resume", action="store_true", help="continue or verify a cache: keep verified shards, redo the rest")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_cache(args) -> int:
+    from pathlib import Path
+
+    from .cache import DEFAULT_SHARD_SIZE, build_cache
+
+    m = build_cache(args.checkpoint, args.data, args.split, args.out, actors=args.actors,
+                    gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, resume=args.resume,
+                    keep_confusion=args.keep_confusion, address=args.address,
+                    shard_size=args.shard_size or DEFAULT_SHARD_SIZE, progress=not args.quiet)
+    size = sum((Path(args.out) / s["file"]).stat().st_size for s in m["shards"])
+    print(f"cache {args.out}: {m['n_images']} images x {len(m['exits'])} exits ({len(m['exits']) - 1} candidates + final), "
+          f"{m['num_classes']} classes, {len(m['shards'])} shards ({len(m['recomputed'])} computed now, "
+          f"{len(m['retries'])} retried), {size / 1e6:.2f} MB; cache_sha256 {m['cache_sha256'][:12]}")
+    return 0
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="measure the latency of every backbone segment and head on this device")
+    p.add_argument("--checkpoint", required=True, help="the MESS checkpoint (DIR/mess.pt)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", required=True, help="output Parquet file (DIR/profiles/<device>.parquet)")
+    p.add_argument("--min-run-time", type=float, default=0.1, help="seconds of timing per piece (more: steadier)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_profile(args) -> int:
+    from .profile import format_profile, profile_latency
+
+    df = profile_latency(args.checkpoint, device=args.device, batch_size=args.batch_size, out=args.out,
+                         min_run_time=args.min_run_time, threads=args.threads, progress=not args.quiet)
+    print(format_profile(df))
+    print(f"profile: {args.out}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="build the pruned dynamic-exit model of one front row")
+    p.add_argument("--checkpoint", required=True, help="the MESS checkpoint the front was searched on (DIR/mess.pt)")
+    p.add_argument("--front", required=True, help="pareto.parquet")
+    p.add_argument("--config-id", required=True, help="config_id of the row to export")
+    p.add_argument("--out", required=True, help="output file (model.pt)")
+    p.add_argument("--torchscript", action="store_true", help="write a TorchScript archive (torch.jit.load alone runs it)")
+
+
+def _run_export(args) -> int:
+    from .export import build_export, save_exported
+
+    model = build_export(args.checkpoint, args.front, args.config_id)
+    path = save_exported(model, args.out, torchscript=args.torchscript)
+    meta = model.meta
+    cfg, costs = meta["config"], meta["costs"]
+    exits = ", ".join(f"{p}/{h}@{t:g}" for p, h, t in zip(cfg["positions"], cfg["heads"], cfg["thresholds"])) or "none"
+    print(f"exported {args.config_id} ({cfg['kind']}; exits: {exits}; final head "
+          f"{'kept' if cfg['kind'] != 'static' else 'pruned'}) to {path}"
+          f"{' (TorchScript)' if args.torchscript else ''}; reference {costs['reference'] / 1e9:.3f} GMACs")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="measure a model (exported or original): mIoU, exit rates, MACs, latency")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", help="an exported model (messearch export)")
+    g.add_argument("--checkpoint", help="a MESS checkpoint: evaluates the original model (backbone + final head)")
+    p.add_argument("--data", required=True, help="data spec, e.g. synthetic:0:64 or camvid:/path")
+    p.add_argument("--split", default="val")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up forwards")
+    p.add_argument("--compare-batch1", action="store_true", help="at batch > 1, count pixels that differ from batch 1")
+    p.add_argument("--threads", type=int, help="torch CPU threads (use the cache's count to compare exactly)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (keys as in pareto.parquet)")
+
+
+def _run_evaluate(args) -> int:
+    from .evaluate import evaluate, format_result, json_result
+
+    r = evaluate(args.model or args.checkpoint, args.data, args.split, device=args.device, batch_size=args.batch_size,
+                 warmup=args.warmup, progress=not args.json, compare_batch1=args.compare_batch1, threads=args.threads)
+    print(json.dumps(json_result(r)) if args.json else format_result(r))
+    return 0
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="two-stage MESS training: exit-aware backbone, then every candidate head at once")
     p.add_argument("--space", required=True, help="search-space YAML file")
@@ -60,6 +160,10 @@ def _run_train(args) -> int:
 COMMANDS = {
     "info": (_add_info, _run_info),
     "train": (_add_train, _run_train),
+    "cache": (_add_cache, _run_cache),
+    "profile": (_add_profile, _run_profile),
+    "export": (_add_export, _run_export),
+    "evaluate": (_add_evaluate, _run_evaluate),
 }
 
 
