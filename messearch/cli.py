@@ -156,14 +156,154 @@ def _run_train(args) -> int:
     return 0
 
 
+def _device_budget(items: list[str] | None) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        device, sep, ms = item.partition("=")
+        try:
+            out[device] = float(ms)
+        except ValueError:
+            sep = ""
+        if not sep or not device:
+            raise MessError(f"--max-latency-ms {item!r}: expected DEVICE=MILLISECONDS, e.g. cpu=12.5")
+    return out
+
+
+def _add_constraints(p) -> None:
+    p.add_argument("--max-gmacs", type=float, help="keep rows with mean GMACs <= X")
+    p.add_argument("--max-latency-ms", action="append", metavar="DEVICE=X", help="keep rows with latency on DEVICE <= X ms")
+    p.add_argument("--min-miou", type=float, help="keep rows with mIoU >= X (0..1)")
+    p.add_argument("--max-miou-drop-pp", type=float, help="keep rows losing at most X mIoU points against the reference")
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="exhaustive search with Ray Tune; writes the Pareto front to Parquet")
+    p.add_argument("--cache", required=True, help="the cache folder (messearch cache --out)")
+    p.add_argument("--out", required=True, help="pareto.parquet to write")
+    p.add_argument("--space", help="space file (default: the one the cache was built with; must match its exits)")
+    p.add_argument("--max-exits", type=int, help="at most K early exits (default: the space's max_exits)")
+    p.add_argument("--thresholds", choices=("shared", "per-exit"), default="shared",
+                   help="one threshold for all exits, or one per exit")
+    p.add_argument("--mode", choices=("cascade", "single"), help="single also searches static truncations")
+    p.add_argument("--profile", action="append", default=[], help="latency profile(s) (messearch profile --out)")
+    _add_constraints(p)
+    p.add_argument("--shards", type=int, help="Tune trials (default: one per CPU of the Ray cluster)")
+    p.add_argument("--keep-all", action="store_true", help="also write every evaluated configuration (<out>_all/)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
+    p.add_argument("--force", action="store_true", help="search even a space estimated too large for this machine")
+    p.add_argument("--local", action="store_true", help="run the shards in this process, without Ray")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def _run_search(args) -> int:
+    from .front import summary_line
+    from .pipeline import SearchOptions, search_to_front
+
+    opts = SearchOptions(max_exits=args.max_exits, thresholds=args.thresholds, mode=args.mode, profiles=args.profile,
+                         max_gmacs=args.max_gmacs, max_latency_ms=_device_budget(args.max_latency_ms),
+                         min_miou=args.min_miou, max_miou_drop_pp=args.max_miou_drop_pp, shards=args.shards,
+                         keep_all=args.keep_all, resume=args.resume, force=args.force, address=args.address,
+                         local=args.local)
+    df = search_to_front(args.cache, args.out, opts, space_path=args.space)
+    print(summary_line(df))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_query(sub) -> None:
+    p = sub.add_parser("query", help="filter a front under constraints; print or write a table")
+    p.add_argument("front", help="pareto.parquet")
+    _add_constraints(p)
+    p.add_argument("--sort", default="mean_gmacs", help="column to sort by (default mean_gmacs)")
+    p.add_argument("--descending", action="store_true")
+    p.add_argument("--top", type=int, help="at most N rows")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON records")
+    fmt.add_argument("--csv", action="store_true", help="CSV")
+
+
+def _run_query(args) -> int:
+    from .query import format_table, query_front
+
+    rows = query_front(args.front, max_gmacs=args.max_gmacs, max_latency_ms=_device_budget(args.max_latency_ms),
+                       min_miou=args.min_miou, max_miou_drop_pp=args.max_miou_drop_pp, sort=args.sort,
+                       descending=args.descending, top=args.top)
+    if args.json:
+        print(rows.to_json(orient="records"))
+    elif args.csv:
+        print(rows.to_csv(index=False), end="")
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="the front as a PNG")
+    p.add_argument("front", help="pareto.parquet")
+    p.add_argument("--out", required=True, help="PNG to write")
+
+
+def _run_plot(args) -> int:
+    from .plot import plot_file
+
+    print(f"wrote {plot_file(args.front, args.out)}")
+    return 0
+
+
+def _add_pipeline_args(p) -> None:
+    p.add_argument("--out", required=True, help="run folder (mess.pt, cache/, profiles/, pareto.parquet, model.pt)")
+    p.add_argument("--data", help="data spec (default: the space's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--epochs", type=int, help="epochs of each training stage (default: the space's)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def _add_pipeline(sub) -> None:
+    p = sub.add_parser("pipeline", help="train, cache, profile, search, export and evaluate; resumes where it stopped")
+    p.add_argument("--space", required=True, help="search-space YAML file")
+    _add_pipeline_args(p)
+
+
+def _run_pipeline(args) -> int:
+    from .pipeline import format_summary_md, run_pipeline
+
+    summary = run_pipeline(args.space, args.data, args.out, address=args.address, device=args.device, epochs=args.epochs)
+    print(format_summary_md(summary))
+    return 0
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="the whole pipeline on built-in synthetic data, CPU, local Ray")
+    _add_pipeline_args(p)
+    p.set_defaults(out="results/quickstart")
+    for a in p._actions:
+        if a.dest == "out":
+            a.required = False
+
+
+def _run_quickstart(args) -> int:
+    from .pipeline import QUICKSTART_SPACE, format_summary_md, run_pipeline
+
+    summary = run_pipeline(str(QUICKSTART_SPACE), args.data, args.out, address=args.address, device=args.device,
+                           epochs=args.epochs)
+    print(format_summary_md(summary))
+    print(f"results in {args.out}: pareto.parquet, pareto.png, model.pt, summary.md")
+    return 0
+
+
 # Each command: (adder, runner). Add new commands here, in the order `--help` lists them.
 COMMANDS = {
     "info": (_add_info, _run_info),
-    "train": (_add_train, _run_train),
     "cache": (_add_cache, _run_cache),
     "profile": (_add_profile, _run_profile),
+    "train": (_add_train, _run_train),
     "export": (_add_export, _run_export),
     "evaluate": (_add_evaluate, _run_evaluate),
+    "search": (_add_search, _run_search),
+    "query": (_add_query, _run_query),
+    "plot": (_add_plot, _run_plot),
+    "pipeline": (_add_pipeline, _run_pipeline),
+    "quickstart": (_add_quickstart, _run_quickstart),
 }
 
 

@@ -1,0 +1,72 @@
+"""`messearch plot`: the front as a PNG — mIoU against mean GMACs, and against latency per profiled device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .front import cheapest_within
+from .io import atomic_path
+
+
+def _axes_columns(front: pd.DataFrame) -> list[tuple[str, str]]:
+    cols = [("mean_gmacs", "mean GMACs per image")]
+    for c in front.columns:
+        if c.startswith("latency_ms_"):
+            cols.append((c, f"mean latency on {c[len('latency_ms_'):]} (ms per image)"))
+    return cols
+
+
+def plot_front(front: pd.DataFrame, out: str | Path, all_points: pd.DataFrame | None = None, title: str | None = None) -> Path:
+    """Draw the front (and faint evaluated points when given) to a PNG at `out`, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_cols = _axes_columns(front)
+    fig, axes = plt.subplots(1, len(axes_cols), figsize=(6.5 * len(axes_cols), 4.8), squeeze=False)
+    ref = front[front["is_reference"]].iloc[0]
+    rows = front[~front["is_reference"]]
+    best = cheapest_within(front, 0.0)
+    near = cheapest_within(front, 0.5)
+    for ax, (col, label) in zip(axes[0], axes_cols):
+        if all_points is not None and col in all_points and len(all_points):
+            sample = all_points.sample(min(len(all_points), 50_000), random_state=0)
+            ax.scatter(sample[col], sample["miou"] * 100, s=3, alpha=0.08, color="tab:gray", lw=0,
+                       label=f"evaluated configurations ({len(all_points):,})")
+        line = rows.sort_values(col)
+        ax.plot(line[col], line["miou"] * 100, "-o", ms=3.5, lw=1.4, color="tab:blue",
+                label=f"Pareto front ({len(rows)} configurations)")
+        ax.scatter([ref[col]], [ref["miou"] * 100], marker="*", s=220, color="tab:red", zorder=5,
+                   label=f"original model ({ref[col]:.3g}, {ref['miou'] * 100:.2f}% mIoU)")
+        ax.axhline(ref["miou"] * 100, color="tab:red", lw=0.8, ls="--", alpha=0.6)
+        for row, text, colour in ((best, "equal accuracy", "tab:green"), (near, "within 0.5 pp", "tab:orange")):
+            if row is not None and not row["is_reference"] and row[col] > 0:
+                ax.scatter([row[col]], [row["miou"] * 100], s=90, facecolors="none", edgecolors=colour, lw=2, zorder=6,
+                           label=f"{text}: {ref[col] / row[col]:.2f}x cheaper ({row['config_id']})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mIoU (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or "MESS configurations: accuracy against cost")
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return out
+
+
+def plot_file(front_path: str | Path, out: str | Path) -> Path:
+    """Plot a pareto.parquet file (with the evaluated points its --keep-all dataset holds, when present)."""
+    from .pareto import read_front
+
+    front, meta = read_front(front_path)
+    all_points = None
+    keep = meta.get("keep_all_dir")
+    if keep and Path(keep).exists():
+        all_points = pd.read_parquet(keep)
+    title = f"{Path(meta.get('space_source', 'front')).stem}: MESS configurations on {meta.get('data', '?')}"
+    return plot_front(front, out, all_points=all_points, title=title)
