@@ -24,6 +24,7 @@ import torch
 
 from messearch.cache import cache_batch, shard_table
 from messearch.costs import mac_table
+from messearch.profile import device_name
 from messearch.data import build_dataset
 from messearch.model import build_mess_network
 from messearch.space import load_space
@@ -100,7 +101,7 @@ def main() -> None:
     t = _timed(fns, batches, device, a.repeats)
     t_plain, t_cache, t_heads = t["plain"], t["cache"], t["network"]
     out = {"benchmark": "cache_ratio", "space": space.name, "model": space.model, "device": str(device),
-           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+           "device_name": device_name(device),
            "threads": torch.get_num_threads(), "images": n, "batch_size": a.batch_size, "input_size": list(space.input_size),
            "candidate_exits": len(net.exits), "classes": space.num_classes, "n_bins": n_bins,
            "plain_s": round(t_plain, 4), "cache_s": round(t_cache, 4), "ratio": round(t_cache / t_plain, 3),
@@ -123,17 +124,6 @@ def main() -> None:
     out.update(shard_bytes=size, bytes_per_image_exit=round(size / (n * e), 1),
                raw_bytes_per_image_exit=8 * (2 * space.num_classes + 1 + n_bins + 1))
     print(json.dumps(out))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 if __name__ == "__main__":

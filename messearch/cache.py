@@ -192,7 +192,9 @@ class CacheWorker:
 
     def info(self) -> dict:
         """Where this actor runs: host, pid, device name, torch threads (CPU rounding depends on them)."""
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else _cpu_name()
+        from .profile import device_name
+
+        name = device_name(self.device)
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": name, "threads": torch.get_num_threads()}
 
     def run(self, start: int, stop: int, batch_size: int, n_bins: int, keep_confusion: bool) -> dict:
@@ -207,19 +209,6 @@ class CacheWorker:
         out["image_id"] = [str(self.ds.image_ids[i]) for i in range(start, stop)]
         out["index"] = np.arange(start, stop, dtype=np.int64)
         return out
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------------------------- storage
