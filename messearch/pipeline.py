@@ -57,7 +57,8 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
 
     opts = opts or SearchOptions()
     cache = load_cache(cache_dir)
-    cached_space = space_from_text(cache.meta["space_text"], f"{cache_dir} (space of the cache)")
+    cached_space = space_from_text(cache.meta["space_text"],
+                                   cache.meta.get("space_source") or f"{cache_dir} (space of the cache)")
     space = cached_space
     if space_path:
         space = load_space(space_path)

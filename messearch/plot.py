@@ -36,9 +36,13 @@ def plot_front(front: pd.DataFrame, out: str | Path, all_points: pd.DataFrame | 
             sample = all_points.sample(min(len(all_points), 50_000), random_state=0)
             ax.scatter(sample[col], sample["miou"] * 100, s=3, alpha=0.08, color="tab:gray", lw=0,
                        label=f"evaluated configurations ({len(all_points):,})")
-        line = rows.sort_values(col)
-        ax.plot(line[col], line["miou"] * 100, "-o", ms=3.5, lw=1.4, color="tab:blue",
-                label=f"Pareto front ({len(rows)} configurations)")
+        ordered = rows.sort_values([col, "miou"], ascending=[True, False])
+        # With several cost objectives a front row can be dominated on this one axis: the line joins the rows
+        # that are non-dominated in (this cost, mIoU); the others are dots.
+        line = ordered[ordered["miou"] > ordered["miou"].cummax().shift(fill_value=-1.0)]
+        ax.scatter(rows[col], rows["miou"] * 100, s=12, color="tab:blue", alpha=0.45,
+                   label=f"Pareto front ({len(rows)} configurations)")
+        ax.plot(line[col], line["miou"] * 100, "-", lw=1.4, color="tab:blue", label="non-dominated on this axis")
         ax.scatter([ref[col]], [ref["miou"] * 100], marker="*", s=220, color="tab:red", zorder=5,
                    label=f"original model ({ref[col]:.3g}, {ref['miou'] * 100:.2f}% mIoU)")
         ax.axhline(ref["miou"] * 100, color="tab:red", lw=0.8, ls="--", alpha=0.6)
