@@ -20,6 +20,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
 from .errors import MessError
+from .io import load_weights_only
 
 _BLOCKS = (resnet.BasicBlock, resnet.Bottleneck, mobilenetv3.InvertedResidual)
 
@@ -86,12 +87,7 @@ def load_torchvision_weights(model: nn.Module, path: str) -> None:
 
     The auxiliary classifier's weights, which MESS drops, are ignored; any other mismatch is an error.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MessError(f"{path}: init checkpoint not found") from None
-    except Exception as e:  # a corrupt or non-tensor file: say which file
-        raise MessError(f"{path}: not a loadable state dict ({type(e).__name__}: {e})") from None
+    state = load_weights_only(path, "state dict")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # torchvision reference-script checkpoints wrap the state dict
     if not isinstance(state, dict):

@@ -13,7 +13,7 @@ import torchvision
 
 from . import __version__
 from .errors import MessError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, load_weights_only
 from .model import MESSNetwork
 from .space import Space, space_from_text
 
@@ -46,12 +46,7 @@ def save_checkpoint(path, net: MESSNetwork, data_spec: str, exit_miou: dict | No
 
 def read_checkpoint(path, map_location="cpu") -> dict:
     """The raw checkpoint dict, loaded with weights_only=True; a clear error if it is not a MESS checkpoint."""
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise MessError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise MessError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    payload = load_weights_only(path, "checkpoint", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise MessError(f"{path}: not a messearch MESS checkpoint (expected format {FORMAT!r})")
     return payload

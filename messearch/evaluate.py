@@ -15,6 +15,7 @@ import torch
 
 from . import stats
 from .errors import MessError
+from .io import load_weights_only
 
 FRONT_KEYS = ("miou", "pixel_acc", "exit_rates", "mean_gmacs", "latency_ms_median", "latency_ms_p90")
 
@@ -27,10 +28,7 @@ def load_model(path):
     if not Path(path).is_file():
         raise MessError(f"{path}: model file not found")
     if not is_torchscript_file(path):
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise MessError(f"{path}: neither an exported model nor a MESS checkpoint ({type(e).__name__}: {e})") from None
+        payload = load_weights_only(path, "exported model or MESS checkpoint")
         if isinstance(payload, dict) and payload.get("format") == CKPT_FORMAT:
             from .checkpoint import load_checkpoint
             from .io import sha256_file

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import __version__, stats
 from .errors import MessError
-from .io import atomic_path, atomic_write_bytes, sha256_file
+from .io import atomic_path, atomic_write_bytes, load_weights_only, sha256_file
 from .space import Space, space_from_text
 
 FORMAT = "messearch/mess-export-v1"
@@ -347,12 +347,7 @@ def load_exported(path, map_location="cpu"):
             raise MessError(f"{path}: a TorchScript file but not a messearch export (no {EXTRA_FILE} of format {FORMAT!r})")
         m.meta = meta
         return m.eval()
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise MessError(f"{path}: exported model not found") from None
-    except Exception as e:
-        raise MessError(f"{path}: not a messearch exported model ({type(e).__name__}: {e})") from None
+    payload = load_weights_only(path, "messearch exported model", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         what = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise MessError(f"{path}: not a messearch exported model (format {what!r}; expected {FORMAT!r}; "

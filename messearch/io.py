@@ -7,6 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from .errors import MessError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
@@ -43,3 +45,15 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def load_weights_only(path, what: str, map_location="cpu"):
+    """torch.load(weights_only=True), with a MessError naming the file and `what` it should be when it fails."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise MessError(f"{path}: {what} not found") from None
+    except Exception as e:  # a corrupt file, or one holding code rather than tensors
+        raise MessError(f"{path}: not a {what} that torch.load(weights_only=True) reads ({type(e).__name__}: {e})") from None

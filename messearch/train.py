@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .checkpoint import FORMAT, save_checkpoint
 from .errors import MessError
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, load_weights_only
 from .model import MESSNetwork
 from .space import Space, load_space, space_from_text
 from .train_stages import (JOINT, PLAIN, STAGE1, STAGE2, LossWeights, Runtime, StageModule, build_aux_exits,
@@ -59,12 +59,7 @@ class Plan:
 def load_init(net: MESSNetwork, path: str) -> str:
     """Load the backbone and final head from `path`: a mess.pt ('mess') or a torchvision state dict ('torchvision').
     MessError when it belongs to another model or class count."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MessError(f"{path}: init checkpoint not found") from None
-    except Exception as e:
-        raise MessError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from None
+    payload = load_weights_only(path, "init checkpoint")
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
         from .backbones import load_torchvision_weights
 
@@ -169,10 +164,7 @@ def read_state(path: Path, fingerprint: dict) -> dict:
     """The resume state at `path`; MessError if it is missing, unreadable or from a different run."""
     if not path.exists():
         raise MessError(f"--resume: {path} does not exist (no interrupted run to continue in {path.parent})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MessError(f"--resume: {path} is not loadable ({type(e).__name__}: {e})") from None
+    state = load_weights_only(path, "training state (--resume)")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise MessError(f"--resume: {path} is not a messearch training state")
     differ = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
