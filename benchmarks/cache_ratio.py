@@ -8,7 +8,7 @@ compute the heads alone add: a floor for the measured ratio), and the cache's si
 (a zstd Parquet shard of these rows, as build_cache writes it). Prints one JSON line.
 
     python benchmarks/cache_ratio.py                                   # quickstart space, CPU, batch 8
-    python benchmarks/cache_ratio.py --space search_spaces/deeplabv3_resnet50.yaml --device cuda --images 64
+    python benchmarks/cache_ratio.py --space messearch/spaces/deeplabv3_resnet50.yaml --device cuda --images 64
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _timed(fns: dict, batches, device, repeats) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--space", default="search_spaces/quickstart.yaml")
+    ap.add_argument("--space", default="messearch/spaces/quickstart.yaml")
     ap.add_argument("--checkpoint", default=None, help="a mess.pt (default: random weights; timing only)")
     ap.add_argument("--data", default=None, help="data spec (default: synthetic scenes at the space's input size)")
     ap.add_argument("--device", default="cpu")

@@ -1,7 +1,7 @@
 """The whole journey on real images: CamVid, thresholds and configurations chosen on val.
 
-CPU (reduced):  python benchmarks/camvid_journey.py --space search_spaces/camvid_resnet18.yaml --out results/camvid_cpu
-GPU (full):     python benchmarks/camvid_journey.py --space search_spaces/camvid_deeplabv3_resnet50.yaml --device cuda --out results/camvid_r50
+CPU (reduced):  python benchmarks/camvid_journey.py --space messearch/spaces/camvid_resnet18.yaml --out results/camvid_cpu
+GPU (full):     python benchmarks/camvid_journey.py --space messearch/spaces/camvid_deeplabv3_resnet50.yaml --device cuda --out results/camvid_r50
 
 Prints one JSON line: the reference's mIoU, the front's best speed-up at <= 0.5 pp mIoU loss, the best mIoU gain at
 no more than the reference's cost, the chosen row's measured figures and the stage times. Uses the same pipeline
@@ -23,7 +23,7 @@ CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--space", default="search_spaces/camvid_resnet18.yaml")
+    ap.add_argument("--space", default="messearch/spaces/camvid_resnet18.yaml")
     ap.add_argument("--data", default=f"camvid:{CAMVID}")
     ap.add_argument("--out", default="results/camvid_cpu")
     ap.add_argument("--device", default="cpu")

@@ -84,7 +84,7 @@ def build_run(out: Path, images: int, train: bool) -> None:
     from messearch.tune_search import evaluate_configs, search_local
 
     out.mkdir(parents=True, exist_ok=True)
-    space = load_space(ROOT / "search_spaces" / "quickstart.yaml")
+    space = load_space(ROOT / "messearch" / "spaces" / "quickstart.yaml")
     data = f"synthetic:0:{images}"
     ckpt = out / "mess.pt"
     if train:

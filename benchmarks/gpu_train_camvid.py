@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=f"camvid:{ROOT.parent / 'shared' / 'data' / 'camvid'}",
                     help="camvid:PATH (default: shared/data/camvid beside the repository)")
-    ap.add_argument("--space", default=str(ROOT / "search_spaces" / "deeplabv3_resnet50.yaml"))
+    ap.add_argument("--space", default=str(ROOT / "messearch" / "spaces" / "deeplabv3_resnet50.yaml"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--input-size", nargs=2, type=int, default=[360, 480], metavar=("H", "W"))
     ap.add_argument("--batch", type=int, default=8)

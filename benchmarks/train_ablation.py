@@ -4,7 +4,7 @@ original model trained on its final head only, for the same epochs), (c) stage 2
 Stage 1 is trained once and shared by two-stage and (c). Writes OUT/ablation.csv, prints the table to
 stderr and one JSON line to stdout.
 
-    python benchmarks/train_ablation.py [--space search_spaces/quickstart.yaml] [--data synthetic] [--out DIR]
+    python benchmarks/train_ablation.py [--space messearch/spaces/quickstart.yaml] [--data synthetic] [--out DIR]
         [--epochs N] [--max-steps N] [--device cpu]
 """
 
@@ -30,7 +30,7 @@ SCHEMES = ("two-stage", "joint", "no-stage1", "no-distill")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--space", default=str(ROOT / "search_spaces" / "quickstart.yaml"))
+    ap.add_argument("--space", default=str(ROOT / "messearch" / "spaces" / "quickstart.yaml"))
     ap.add_argument("--data", default=None, help="default: the space's data spec")
     ap.add_argument("--out", default=str(ROOT / "results" / "ablation"))
     ap.add_argument("--epochs", type=int, default=None, help="epochs of each stage (default: the space's)")

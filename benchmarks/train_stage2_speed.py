@@ -2,7 +2,7 @@
 plain training step of the original model on the same batch, and against training the heads one at a
 time (a frozen forward per head). Prints one JSON line.
 
-    python benchmarks/train_stage2_speed.py [--space search_spaces/quickstart.yaml] [--device cpu|cuda] [--batch N]
+    python benchmarks/train_stage2_speed.py [--space messearch/spaces/quickstart.yaml] [--device cpu|cuda] [--batch N]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def timed(fn, device, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--space", default=str(ROOT / "search_spaces" / "quickstart.yaml"))
+    ap.add_argument("--space", default=str(ROOT / "messearch" / "spaces" / "quickstart.yaml"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=None, help="default: the space's train.batch_size")
     ap.add_argument("--reps", type=int, default=3)

@@ -11,8 +11,8 @@ from pathlib import Path
 from .errors import MessError
 from .io import atomic_write_text, sha256_file
 
-# The embedded default space; ships beside the package in the repository (pip install -e .).
-QUICKSTART_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
+# The embedded default space; package data (messearch/spaces/), so it ships in the wheel too.
+QUICKSTART_SPACE = Path(__file__).resolve().parent / "spaces" / "quickstart.yaml"
 
 
 @dataclass

@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 CONFIGS = sorted(CLUSTER.glob("*.yaml"))
-QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
+QUICKSTART = ROOT / "messearch" / "spaces" / "quickstart.yaml"
 
 
 def _load(path: Path) -> dict:
@@ -236,7 +236,7 @@ def test_run_py_joins_the_cluster_and_forwards_to_the_cli(ray_head):
         assert name in res.stdout
 
 
-@pytest.mark.skipif(not QUICKSTART.exists(), reason="search_spaces/quickstart.yaml not written yet")
+@pytest.mark.skipif(not QUICKSTART.exists(), reason="messearch/spaces/quickstart.yaml not written yet")
 def test_run_py_info_matches_the_cli(ray_head, capsys):
     from messearch import cli
 

@@ -18,7 +18,7 @@ from messearch.model import build_mess_network
 from messearch.space import count_configs, load_space, space_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+SPACES = sorted((ROOT / "messearch" / "spaces").glob("*.yaml"))
 
 SMALL = """
 model: {model}
