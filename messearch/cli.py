@@ -8,12 +8,27 @@ import sys
 
 from .errors import MessError
 
+SPACE_HELP = "a built-in space name (`messearch spaces` lists them, e.g. quickstart) or a space YAML file"
+
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="a space file's positions, heads, GMACs and number of configurations")
-    p.add_argument("space", help="search-space YAML file")
+    p.add_argument("space", help=SPACE_HELP)
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="override the space's input size")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_spaces(sub) -> None:
+    p = sub.add_parser("spaces", help="the built-in search spaces: model, classes, input size, configurations")
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+
+
+def _run_spaces(args) -> int:
+    from .info import format_spaces, list_spaces
+
+    rows = list_spaces()
+    print(json.dumps(rows) if args.json else format_spaces(rows))
+    return 0
 
 
 def _run_info(args) -> int:
@@ -126,7 +141,7 @@ def _run_evaluate(args) -> int:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="two-stage MESS training: exit-aware backbone, then every candidate head at once")
-    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.add_argument("--space", required=True, help=SPACE_HELP)
     p.add_argument("--data", default=None, help="data spec (default: the space's `data`), e.g. synthetic, camvid:PATH")
     p.add_argument("--out", required=True, help="output folder: mess.pt, train_state.pt, train_log.csv")
     p.add_argument("--stage", choices=("both", "1", "2"), default="both", help="which stage(s) to train")
@@ -180,7 +195,7 @@ def _add_search(sub) -> None:
     p = sub.add_parser("search", help="exhaustive search with Ray Tune; writes the Pareto front to Parquet")
     p.add_argument("--cache", required=True, help="the cache folder (messearch cache --out)")
     p.add_argument("--out", required=True, help="pareto.parquet to write")
-    p.add_argument("--space", help="space file (default: the one the cache was built with; must match its exits)")
+    p.add_argument("--space", help=SPACE_HELP + " (default: the one the cache was built with; must match its exits)")
     p.add_argument("--max-exits", type=int, help="at most K early exits (default: the space's max_exits)")
     p.add_argument("--thresholds", choices=("shared", "per-exit"), default="shared",
                    help="one threshold for all exits, or one per exit")
@@ -260,7 +275,7 @@ def _add_pipeline_args(p) -> None:
 
 def _add_pipeline(sub) -> None:
     p = sub.add_parser("pipeline", help="train, cache, profile, search, export and evaluate; resumes where it stopped")
-    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.add_argument("--space", required=True, help=SPACE_HELP)
     _add_pipeline_args(p)
 
 
@@ -294,6 +309,7 @@ def _run_quickstart(args) -> int:
 # Each command: (adder, runner). Add new commands here, in the order `--help` lists them.
 COMMANDS = {
     "info": (_add_info, _run_info),
+    "spaces": (_add_spaces, _run_spaces),
     "cache": (_add_cache, _run_cache),
     "profile": (_add_profile, _run_profile),
     "train": (_add_train, _run_train),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from .costs import mac_table
 from .model import feature_shapes
-from .space import count_configs, load_space
+from .space import builtin_spaces, count_configs, load_space
 
 
 def space_info(path: str, input_size=None) -> dict:
-    """A JSON-ready description of a space: positions with channels and resolution, heads, GMACs, n_configs."""
+    """A JSON-ready description of a space (a built-in name or a file): positions with channels and resolution,
+    heads, GMACs, n_configs."""
     space = load_space(path)
     size = tuple(input_size or space.input_size)
     table = mac_table(space, size)
@@ -54,4 +55,27 @@ def format_info(info: dict) -> str:
               f"{info['n_configs_per_exit_thresholds']:,} with per-exit thresholds "
               f"({len(info['positions'])} positions x {len(info['heads'])} heads, up to {info['max_exits']} exits, "
               f"{len(info['thresholds'])} thresholds)"]
+    return "\n".join(lines)
+
+
+def list_spaces() -> list[dict]:
+    """The built-in spaces, each as {name, model, num_classes, input_size, n_configs, data}."""
+    out = []
+    for name in builtin_spaces():
+        space = load_space(name)
+        out.append({"name": name, "model": space.model, "num_classes": space.num_classes,
+                    "input_size": list(space.input_size), "data": space.data,
+                    "n_configs": count_configs(len(space.positions), len(space.heads), len(space.thresholds),
+                                               space.max_exits, "shared", space.mode)})
+    return out
+
+
+def format_spaces(rows: list[dict]) -> str:
+    """The built-in spaces as a table, with how to use them."""
+    lines = [f"{'name':<30}{'model':<30}{'classes':>8}{'input':>11}{'configurations':>16}"]
+    for r in rows:
+        size = f"{r['input_size'][0]}x{r['input_size'][1]}"
+        lines.append(f"{r['name']:<30}{r['model']:<30}{r['num_classes']:>8}{size:>11}{r['n_configs']:>16,}")
+    lines.append(f"{len(rows)} built-in spaces; use a name wherever a space is taken (--space NAME, "
+                 "`messearch info NAME`), or a path to your own YAML file")
     return "\n".join(lines)

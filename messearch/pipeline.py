@@ -11,8 +11,8 @@ from pathlib import Path
 from .errors import MessError
 from .io import atomic_write_text, sha256_file
 
-# The embedded default space; package data (messearch/spaces/), so it ships in the wheel too.
-QUICKSTART_SPACE = Path(__file__).resolve().parent / "spaces" / "quickstart.yaml"
+# The built-in default space (package data messearch/spaces/quickstart.yaml, so it ships in the wheel too).
+QUICKSTART_SPACE = "quickstart"
 
 
 @dataclass
@@ -122,7 +122,8 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
                  tol_pp: float = 0.5, evaluate_models: bool = True, epochs: int | None = None,
                  search_opts: SearchOptions | None = None) -> dict:
     """Train (both stages), cache, profile, search, export the cheapest row within `tol_pp` of the reference, and
-    evaluate it; each stage is skipped when its output is complete. Returns a summary dict (also summary.md)."""
+    evaluate it; each stage is skipped when its output is complete. `space_path`: a built-in space name or a YAML
+    file. Returns a summary dict (also summary.md)."""
     from .cache import build_cache, load_cache
     from .checkpoint import read_checkpoint
     from .data import check_dataset

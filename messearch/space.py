@@ -243,9 +243,34 @@ def space_from_text(text: str, source: str) -> Space:
     )
 
 
-def load_space(path: str | Path) -> Space:
-    """Load and validate a search-space YAML file (yaml.safe_load); errors name the file and the field."""
-    path = Path(path)
+def builtin_spaces() -> list[str]:
+    """Names of the spaces shipped inside the package (messearch/spaces/*.yaml), sorted."""
+    return sorted(f.name[:-5] for f in _builtin_dir().iterdir() if f.name.endswith(".yaml"))
+
+
+def _builtin_dir():
+    # importlib.resources finds package data in a wheel, a zip or a source tree alike
+    from importlib.resources import files
+
+    return files("messearch") / "spaces"
+
+
+def _is_name(arg: str) -> bool:
+    """A built-in space name looks like `quickstart`: no folder separator, no file suffix."""
+    return "/" not in arg and "\\" not in arg and not arg.endswith((".yaml", ".yml"))
+
+
+def load_space(name_or_path: str | Path) -> Space:
+    """Load and validate a space: a built-in name (`quickstart`, see builtin_spaces()) or a YAML file path
+    (yaml.safe_load); errors name the file and the field."""
+    arg = str(name_or_path)
+    if isinstance(name_or_path, str) and _is_name(arg) and not Path(arg).is_file():
+        resource = _builtin_dir() / f"{arg}.yaml"
+        if not resource.is_file():
+            raise SpaceError(f"{arg!r} is neither a space file nor a built-in space; built-in spaces: "
+                             f"{', '.join(builtin_spaces())} (`messearch spaces` lists them)")
+        return space_from_text(resource.read_text(encoding="utf-8"), f"messearch/spaces/{arg}.yaml")
+    path = Path(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
