@@ -50,7 +50,8 @@ class FolderClasses:
     def describe(self) -> str:
         """The allowed mask values or colours, for error messages."""
         if self.colour:
-            allowed = ", ".join(f"{n} {tuple(c)}" for n, c in zip(self.names, self.values))
+            allowed = ", ".join(f"{n} {tuple(c)}" for n, c in list(zip(self.names, self.values))[:12])
+            allowed += ", ..." if len(self.names) > 12 else ""
         elif list(self.values) == list(range(len(self.names))):
             allowed = f"0..{len(self.names) - 1}"
         else:
