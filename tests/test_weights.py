@@ -169,3 +169,28 @@ def test_pipeline_checks_the_init_checkpoint_before_training(tmp_path):
     with pytest.raises(MessError, match=r"odd.pth: cannot start deeplabv3_resnet18 \(4 classes\) from it: 1 tensors"):
         run_pipeline(str(tmp_path / "w.yaml"), DATA, tmp_path / "run", init_checkpoint=str(tmp_path / "odd.pth"))
     assert not (tmp_path / "run" / "mess.pt").exists()
+    # A run folder trained from other weights is not silently reused as if it came from these.
+    from messearch.checkpoint import save_checkpoint
+
+    torch.save(build_torchvision_model("deeplabv3_resnet18", 4).state_dict(), tmp_path / "seg4.pth")
+    save_checkpoint(tmp_path / "run" / "mess.pt", MESSNetwork(space()), DATA)
+    with pytest.raises(MessError, match="mess.pt exists and was not trained from it"):
+        run_pipeline(str(tmp_path / "w.yaml"), DATA, tmp_path / "run", init_checkpoint=str(tmp_path / "seg4.pth"))
+
+
+@pytest.mark.parametrize("model", sorted(__import__("messearch.backbones", fromlist=["MODELS"]).MODELS))
+def test_every_model_accepts_its_imagenet_backbone_and_published_segmentation_shape(model):
+    """Key and shape matching for every shipped model, on the meta device (no memory, no download): its ImageNet
+    classifier loads the whole backbone, and a 21-class segmentation state dict all but the last classifier layer."""
+    from messearch.weights import _match_classification, _match_segmentation, backbone_arch, last_layer_keys
+
+    with torch.device("meta"):
+        own = build_torchvision_model(model, 19).state_dict()
+        imagenet = getattr(torchvision.models, backbone_arch(model))(weights=None).state_dict()
+        published = build_torchvision_model(model, 21, aux=model != "lraspp_mobilenet_v3_large").state_dict()
+    mapped, report = _match_classification(own, imagenet, model, "x.pth")
+    assert set(mapped) == {k for k in own if k.startswith("backbone.")} and report.kind == "classification"
+    mapped, report = _match_segmentation(own, published, model, 19, "x.pth")
+    last = set(last_layer_keys(model))
+    assert last and set(mapped) == set(own) - last and report.source == f"{model} (21 classes)"
+    assert {k for k, why in report.skipped.items() if "last classifier" in why} == last
