@@ -20,7 +20,6 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
 from .errors import MessError
-from .io import load_weights_only
 
 _BLOCKS = (resnet.BasicBlock, resnet.Bottleneck, mobilenetv3.InvertedResidual)
 
@@ -80,31 +79,6 @@ def build_torchvision_model(name: str, num_classes: int, aux: bool = False) -> n
     if name not in MODELS:
         raise MessError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
     return MODELS[name](num_classes, aux)
-
-
-def load_torchvision_weights(model: nn.Module, path: str) -> None:
-    """Load a local state-dict file in torchvision's own format (published `.pth` files load unchanged).
-
-    The auxiliary classifier's weights, which MESS drops, are ignored; any other mismatch is an error.
-    """
-    state = load_weights_only(path, "state dict")
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # torchvision reference-script checkpoints wrap the state dict
-    if not isinstance(state, dict):
-        raise MessError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(state).__name__}")
-    state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise MessError(
-            f"{path}: does not match this model: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
-            raise MessError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)} "
-                            f"(another model or class count?)")
-    model.load_state_dict(state)
 
 
 @dataclass

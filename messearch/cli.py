@@ -139,6 +139,24 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _add_check_data(sub) -> None:
+    p = sub.add_parser("check-data", help="validate a data set file by file: images per split, class shares, problems")
+    p.add_argument("data", help="data spec, e.g. folder:PATH, camvid:PATH or synthetic")
+    p.add_argument("--split", action="append", help="split(s) to check (default: train, val, and a folder's test)")
+    p.add_argument("--space", help="also check the data against this space's num_classes (a built-in name or a file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_check_data(args) -> int:
+    from .data_check import check_data, format_report
+    from .space import load_space
+
+    num_classes = load_space(args.space).num_classes if args.space else None
+    report = check_data(args.data, args.split, num_classes, progress=not args.quiet)
+    print(format_report(report))
+    return 0 if report.ok else 2
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="two-stage MESS training: exit-aware backbone, then every candidate head at once")
     p.add_argument("--space", required=True, help=SPACE_HELP)
@@ -147,7 +165,8 @@ def _add_train(sub) -> None:
     p.add_argument("--stage", choices=("both", "1", "2"), default="both", help="which stage(s) to train")
     p.add_argument("--epochs", type=int, default=None, help="epochs of each stage (default: the space's train block)")
     p.add_argument("--init-checkpoint", default=None,
-                   help="start from local weights: a torchvision-format state dict, or a mess.pt (needed by --stage 2)")
+                   help="start from local weights: a torchvision segmentation state dict (any class count), an ImageNet "
+                        "classification state dict of the backbone, either as {'model': ...}, or a mess.pt")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT/train_state.pt")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (one process; bf16 autocast on CUDA)")
     p.add_argument("--gpus", type=int, default=0,
@@ -277,12 +296,14 @@ def _add_pipeline(sub) -> None:
     p = sub.add_parser("pipeline", help="train, cache, profile, search, export and evaluate; resumes where it stopped")
     p.add_argument("--space", required=True, help=SPACE_HELP)
     _add_pipeline_args(p)
+    p.add_argument("--init-checkpoint", help="start training from local weights (as train --init-checkpoint)")
 
 
 def _run_pipeline(args) -> int:
     from .pipeline import format_summary_md, run_pipeline
 
-    summary = run_pipeline(args.space, args.data, args.out, address=args.address, device=args.device, epochs=args.epochs)
+    summary = run_pipeline(args.space, args.data, args.out, address=args.address, device=args.device, epochs=args.epochs,
+                           init_checkpoint=args.init_checkpoint)
     print(format_summary_md(summary))
     return 0
 
@@ -310,6 +331,7 @@ def _run_quickstart(args) -> int:
 COMMANDS = {
     "info": (_add_info, _run_info),
     "spaces": (_add_spaces, _run_spaces),
+    "check-data": (_add_check_data, _run_check_data),
     "cache": (_add_cache, _run_cache),
     "profile": (_add_profile, _run_profile),
     "train": (_add_train, _run_train),

@@ -8,6 +8,7 @@ Spec strings (passed unchanged by the CLI's `--data`):
 - `voc:PATH`              VOC2012 (or VOCdevkit/ or its parent): JPEGImages, SegmentationClass, ImageSets/Segmentation
 - `coco:PATH`             annotations/instances_{split}2017.json + {split}2017/, the 20 VOC categories (needs pycocotools)
 - `ade20k:PATH`           ADEChallengeData2016 (or its parent): 150 classes, label 0 ignored
+- `folder:PATH`           your own: PATH/SPLIT/{images,masks}/ + classes.yaml (messearch/data_folder.py)
 
 Every item is `(image, mask)`: image float32 [3, H, W] normalised with the ImageNet mean/std that
 torchvision's segmentation models expect, mask int64 [H, W] of class indices, `ignore_index` (255)
@@ -34,8 +35,8 @@ from .errors import DataError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE = 255  # ignore value inside the loaders; replaced by the caller's ignore_index at the end
-KINDS = ("synthetic", "camvid", "cityscapes", "voc", "coco", "ade20k")
-SPEC_HELP = ("synthetic[:SEED[:N[:MIX]]], camvid:PATH, cityscapes:PATH, voc:PATH, coco:PATH or ade20k:PATH")
+KINDS = ("synthetic", "camvid", "cityscapes", "voc", "coco", "ade20k", "folder")
+SPEC_HELP = ("synthetic[:SEED[:N[:MIX]]], camvid:PATH, cityscapes:PATH, voc:PATH, coco:PATH, ade20k:PATH or folder:PATH")
 
 
 def _normalise_lut() -> np.ndarray:
@@ -180,16 +181,26 @@ def build_dataset(spec: str, split: str, input_size, train: bool = False, ignore
         if classes is not None and num_classes is not None and classes != num_classes:
             raise DataError(f"data spec {spec!r} has classes={classes} but the space has num_classes={num_classes}")
         return SyntheticDataset(arg, split, input_size, train, ignore_index, classes or num_classes)
-    from .data_formats import FORMATS
-
-    cls = FORMATS[kind]
+    cls = _format(kind)
     _check_split(kind, split, cls.SPLITS)
     _check_num_classes(kind, cls.NUM_CLASSES, num_classes)
-    return cls(arg, split, input_size, train, ignore_index)
+    ds = cls(arg, split, input_size, train, ignore_index)
+    _check_num_classes(getattr(ds, "classes_file", kind), ds.num_classes, num_classes)
+    return ds
+
+
+def _format(kind: str):
+    if kind == "folder":
+        from .data_folder import FolderDataset
+
+        return FolderDataset
+    from .data_formats import FORMATS
+
+    return FORMATS[kind]
 
 
 def _check_num_classes(kind: str, have: int, want: int | None) -> None:
-    if want is not None and want != have:
+    if want is not None and have and want != have:  # have = 0: the count is known once the data set is read
         raise DataError(f"the space has num_classes={want} but {kind} has {have} classes")
 
 
@@ -204,11 +215,10 @@ def check_dataset(spec: str, split: str, num_classes: int | None = None, deep: b
     if kind == "synthetic":
         ds = build_dataset(spec, split, (8, 8), num_classes=num_classes)
         return {"kind": kind, "split": split, "images": len(ds), "num_classes": ds.num_classes}
-    from .data_formats import FORMATS
-
-    cls = FORMATS[kind]
+    cls = _format(kind)
     _check_split(kind, split, cls.SPLITS)
     _check_num_classes(kind, cls.NUM_CLASSES, num_classes)
     ds = cls(arg, split, (8, 8), False, 255)
+    _check_num_classes(getattr(ds, "classes_file", kind), ds.num_classes, num_classes)
     ds.check(deep=deep)
     return {"kind": kind, "split": split, "images": len(ds), "num_classes": ds.num_classes}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones import build_torchvision_model, flatten_backbone, load_torchvision_weights, run_final_head
+from .backbones import build_torchvision_model, flatten_backbone, run_final_head
 from .heads import build_head
 from .space import Space
 
@@ -85,8 +85,10 @@ def feature_shapes(model_name: str, num_classes: int, input_size) -> dict[str, t
 
 
 def build_mess_network(space: Space, init_checkpoint: str | None = None) -> MESSNetwork:
-    """The MESS network of a space, optionally starting from a local torchvision-format state dict."""
+    """The MESS network of a space, optionally starting from local weights (any shape messearch.weights accepts)."""
     net = MESSNetwork(space)
     if init_checkpoint:
-        load_torchvision_weights(net.base, init_checkpoint)
+        from .weights import load_init
+
+        load_init(net, init_checkpoint)
     return net

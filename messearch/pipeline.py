@@ -120,10 +120,11 @@ def _say(msg: str) -> None:
 
 def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str | None = None, device: str = "cpu",
                  tol_pp: float = 0.5, evaluate_models: bool = True, epochs: int | None = None,
-                 search_opts: SearchOptions | None = None) -> dict:
+                 search_opts: SearchOptions | None = None, init_checkpoint: str | None = None) -> dict:
     """Train (both stages), cache, profile, search, export the cheapest row within `tol_pp` of the reference, and
     evaluate it; each stage is skipped when its output is complete. `space_path`: a built-in space name or a YAML
-    file. Returns a summary dict (also summary.md)."""
+    file; `init_checkpoint`: training starts from these weights (any shape messearch.weights accepts).
+    Returns a summary dict (also summary.md)."""
     from .cache import build_cache, load_cache
     from .checkpoint import read_checkpoint
     from .data import check_dataset
@@ -148,11 +149,16 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     ckpt = out / "mess.pt"
     t = time.perf_counter()
     if ckpt.exists():
-        read_checkpoint(ckpt)  # a broken file is an error, not a silent retrain
+        trained = read_checkpoint(ckpt)  # a broken file is an error, not a silent retrain
+        init_sha = trained.get("extra", {}).get("init", {}).get("sha256")
+        if init_checkpoint and (not Path(init_checkpoint).is_file() or init_sha != sha256_file(init_checkpoint)):
+            raise MessError(f"--init-checkpoint {init_checkpoint}: {ckpt} exists and was not trained from it; "
+                            f"use another --out, or remove {ckpt} to retrain")
         _say(f"train: {ckpt} exists, skipped")
     else:
         _say("train: stage 1 (exit-aware backbone), then stage 2 (every candidate head)")
-        train(space, data, out, stage="both", epochs=epochs, device=device, address=address)
+        train(space, data, out, stage="both", epochs=epochs, device=device, address=address,
+              init_checkpoint=init_checkpoint)
     timings["train"] = time.perf_counter() - t
     ckpt_sha = sha256_file(ckpt)
 

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .checkpoint import FORMAT, save_checkpoint
+from .checkpoint import save_checkpoint
 from .errors import MessError
 from .io import atomic_write_bytes, atomic_write_text, load_weights_only
 from .model import MESSNetwork
 from .space import Space, load_space, space_from_text
 from .train_stages import (JOINT, PLAIN, STAGE1, STAGE2, LossWeights, Runtime, StageModule, build_aux_exits,
                            epoch_seed, evaluate, make_optimizer, make_scheduler, set_trainable, train_epoch)
+from .weights import InitReport, load_init
 
 STATE_FORMAT = "messearch/train-state-v1"
 BASELINES = ("joint", "no-stage1", "no-distill")
@@ -50,32 +51,11 @@ class Plan:
     progress: bool = True
     max_steps: int | None = None  # per epoch (smoke runs and benchmarks)
     fingerprint: dict = field(default_factory=dict)
+    init: dict = field(default_factory=dict)  # InitReport.provenance() of init_checkpoint (mess.pt's extra.init)
 
     @property
     def space(self) -> Space:
         return space_from_text(self.space_text, self.space_source)
-
-
-def load_init(net: MESSNetwork, path: str) -> str:
-    """Load the backbone and final head from `path`: a mess.pt ('mess') or a torchvision state dict ('torchvision').
-    MessError when it belongs to another model or class count."""
-    payload = load_weights_only(path, "init checkpoint")
-    if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
-        from .backbones import load_torchvision_weights
-
-        load_torchvision_weights(net.base, path)
-        return "torchvision"
-    other = space_from_text(payload["space_text"], f"{path}:space")
-    space = net.space
-    if (other.model, other.num_classes) != (space.model, space.num_classes):
-        raise MessError(f"{path}: a checkpoint of {other.model} with {other.num_classes} classes; the space "
-                        f"{space.source} needs {space.model} with {space.num_classes} classes")
-    base = {k[len("base."):]: v for k, v in payload["state_dict"].items() if k.startswith("base.")}
-    own = net.base.state_dict()
-    if set(base) != set(own) or any(own[k].shape != v.shape for k, v in base.items()):
-        raise MessError(f"{path}: its backbone does not match {space.model} with {space.num_classes} classes")
-    net.base.load_state_dict(base)
-    return "mess"
 
 
 def _stages(space: Space, stage: str, baseline: str | None, init_kind: str | None, epochs: int | None) -> list:
@@ -87,7 +67,7 @@ def _stages(space: Space, stage: str, baseline: str | None, init_kind: str | Non
             raise MessError(f"--baseline joint trains in one stage; use --stage both, not --stage {stage}")
         return [[JOINT, e1 + e2, t.lr]]  # the same number of passes over the data as both stages together
     first = PLAIN if baseline == "no-stage1" else STAGE1
-    if baseline == "no-stage1" and init_kind == "torchvision":
+    if baseline == "no-stage1" and init_kind == "original":
         first = None  # the original model's weights are given: nothing to train before stage 2
     plan = []
     if stage in ("both", "1") and first is not None:
@@ -95,7 +75,7 @@ def _stages(space: Space, stage: str, baseline: str | None, init_kind: str | Non
     if stage in ("both", "2"):
         plan.append([STAGE2, e2, t.lr_stage2])
     if not plan:
-        raise MessError("--stage 1 --baseline no-stage1 with an original (torchvision) checkpoint has nothing to train")
+        raise MessError("--stage 1 --baseline no-stage1 with the original model's weights has nothing to train")
     return plan
 
 
@@ -130,7 +110,7 @@ def make_plan(space, out_dir, data_spec: str | None = None, stage: str = "both",
         raise MessError(f"--device {device!r}: allowed: cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MessError(f"--device {device}: CUDA is not available on this machine")
-    init_kind = None
+    init = None
     if init_checkpoint is None and stage == "2" and baseline != "no-stage1":
         if not (out / "mess.pt").exists():
             raise MessError(f"--stage 2 needs a stage-1 checkpoint: pass --init-checkpoint PATH/mess.pt or run "
@@ -138,12 +118,19 @@ def make_plan(space, out_dir, data_spec: str | None = None, stage: str = "both",
         init_checkpoint = str(out / "mess.pt")
     if init_checkpoint is not None:
         init_checkpoint = str(Path(init_checkpoint).resolve())
-        init_kind = load_init(MESSNetwork(space), init_checkpoint)  # raises on another model or class count
+        init = load_init(MESSNetwork(space), init_checkpoint)  # raises on anything that does not fit
+        if progress:
+            print(init.summary(), flush=True)
+    # "original": the whole torchvision model (backbone and final head) came from the file.
+    init_kind = None if init is None else "mess" if init.kind == "mess" else "original" if init.complete else "partial"
     if stage == "2" and init_kind != "mess" and baseline != "no-stage1":
-        raise MessError(f"--stage 2 needs a stage-1 checkpoint (a mess.pt); {init_checkpoint} is a torchvision "
-                        f"state dict (the original model): use --baseline no-stage1 to train heads on it")
-    if stage == "2" and baseline == "no-stage1" and init_kind is None:
-        raise MessError("--stage 2 --baseline no-stage1 needs the original model's weights: --init-checkpoint PATH")
+        raise MessError(f"--stage 2 needs a stage-1 checkpoint (a mess.pt); {init_checkpoint} is a {init.kind} "
+                        f"state dict: use --baseline no-stage1 to train heads on the original model, or --stage both")
+    if stage == "2" and baseline == "no-stage1" and init_kind != "original":
+        if init_kind is None:
+            raise MessError("--stage 2 --baseline no-stage1 needs the original model's weights: --init-checkpoint PATH")
+        raise MessError(f"--stage 2 --baseline no-stage1 trains heads on the original model, but {init_checkpoint} "
+                        f"leaves {len(init.fresh)} of its tensors newly initialised; train it first (--stage both)")
     _check_data(space, data_spec)
     t = space.train
     plan = Plan(space_text=space.text, space_source=space.source, data_spec=data_spec, out_dir=str(out),
@@ -152,7 +139,7 @@ def make_plan(space, out_dir, data_spec: str | None = None, stage: str = "both",
                                            distill_weight=0.0 if baseline == "no-distill" else t.distill_weight,
                                            temperature=t.temperature, ignore_index=space.ignore_index)),
                 init_checkpoint=init_checkpoint, resume=resume, baseline=baseline, device=device,
-                progress=progress, max_steps=max_steps)
+                progress=progress, max_steps=max_steps, init=init.provenance() if init else {})
     plan.fingerprint = {"space_text": space.text, "data": data_spec, "stages": plan.stages, "weights": plan.weights,
                         "init_checkpoint": init_checkpoint or "", "max_steps": max_steps or 0}
     if resume:
@@ -304,7 +291,7 @@ def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda
             "baseline": plan.baseline or "", "heads_trained": heads_trained, "seconds": seconds,
             "images_per_s": {k: float(r["images_per_s"]) for k, r in last.items()},
             "loss": {k: float(r["loss"]) for k, r in last.items()}, "device": plan.device,
-            "world_size": rt.world_size, "init_checkpoint": plan.init_checkpoint or ""})
+            "world_size": rt.world_size, "init_checkpoint": plan.init_checkpoint or "", "init": plan.init})
     return path
 
 
@@ -350,4 +337,6 @@ def format_summary(payload: dict) -> str:
     else:
         lines.append("  (candidate heads not trained yet: run --stage 2)")
     lines.append(f"  final head: {miou.get('final', float('nan')):.4f}")
+    if extra.get("init"):
+        lines.append(InitReport(**extra["init"]).summary())
     return "\n".join(lines)

@@ -88,10 +88,7 @@ def test_torchvision_format_state_dict_loads(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(net(x)[1], reference(x)["out"])
-    other = space_from_text(SMALL.format(model="deeplabv3_mobilenet_v3_large").replace("num_classes: 5", "num_classes: 7"), "t")
-    with pytest.raises(MessError, match="shape"):
-        build_mess_network(other, init_checkpoint=str(path))
-    with pytest.raises(MessError, match="missing keys"):
+    with pytest.raises(MessError, match="cannot start fcn_resnet18"):
         build_mess_network(space_from_text(SMALL.format(model="fcn_resnet18"), "t"), init_checkpoint=str(path))
 
 

@@ -162,9 +162,6 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 def test_errors_before_training(tmp_path):
     space = tiny()
     other = MESSNetwork(tiny(classes=5))
-    torch.save(other.base.state_dict(), tmp_path / "tv5.pth")
-    with pytest.raises(MessError, match="shape"):
-        make_plan(space, tmp_path / "o", DATA, init_checkpoint=str(tmp_path / "tv5.pth"))
     save_checkpoint(tmp_path / "mess5.pt", other, DATA)
     with pytest.raises(MessError, match="5 classes"):
         make_plan(space, tmp_path / "o", DATA, init_checkpoint=str(tmp_path / "mess5.pt"))
