@@ -1,17 +1,21 @@
-"""Search throughput on the reference space: one JSON line.
+"""Search throughput on the reference spaces, shared and per-exit thresholds: one JSON line.
 
-Reference space: 500 images, deeplabv3_resnet50 at 520x520 (16 candidate positions: every Bottleneck block),
-8 head variants, up to 3 early exits, 20 shared thresholds, 21 classes (~5.9M configurations).
-Measures the whole search through Ray Tune (Ray start to Parquet written, num_cpus=2), and for comparison a
-plain per-architecture numpy loop and one-configuration-per-trial Tune, both on small samples.
+Reference cache: 500 images, deeplabv3_resnet50 at 520x520 (16 candidate positions: every Bottleneck block),
+8 head variants, up to 3 early exits, 21 classes. Shared mode: 20 thresholds (5,890,560 configurations);
+per-exit mode: 10 thresholds per exit (287,489,280 configurations). For each mode: the whole search through
+Ray Tune (Ray start timed apart, then search to Parquet written), the evaluator's configurations per CPU-second
+(summed over the trials), each shard's evaluation time, and peak memory (driver and largest trial process).
+--baselines adds a plain per-architecture numpy loop and one-configuration-per-trial Tune (shared mode only).
+
+    PYTHONPATH=$PWD python benchmarks/search_throughput.py            # both modes, ~2-10 min on two cores
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -113,36 +117,58 @@ def per_trial_tune_rate(cache: CacheArrays, trials: int = 10) -> float:
     return trials / (time.perf_counter() - t0)
 
 
+SPECS = {
+    "shared": dict(thresholds=tuple(np.round(np.linspace(0.5, 0.975, 20), 4)), thresholds_mode="shared"),
+    "per-exit": dict(thresholds=tuple(np.round(np.linspace(0.5, 0.95, 10), 4)), thresholds_mode="per-exit"),
+}
+
+
+def search_once(cache: CacheArrays, spec: SearchSpec, macs: Costs, shards: int, workdir: str) -> dict:
+    """One search through Ray Tune (Ray already started) to Parquet written: its figures."""
+    t0 = time.perf_counter()
+    df = run_search(cache, spec, macs, shards=shards, storage_path=os.path.join(workdir, "tune"), verbose=False)
+    write_front(df, os.path.join(workdir, "pareto.parquet"), {"mode": spec.mode, "thresholds": spec.thresholds_mode})
+    seconds = time.perf_counter() - t0
+    n = df.attrs["n_evaluated"]
+    assert n == spec.n_configs(), (n, spec.n_configs())
+    return {"n_configs": n, "front_size": len(df), "search_s": round(seconds, 2), "configs_per_s": round(n / seconds),
+            "evaluator_configs_per_cpu_s": round(n / df.attrs["shard_cpu_s"]),
+            "shard_eval_s": [round(x, 2) for x in sorted(df.attrs["shard_eval_s"])],
+            "trial_peak_rss_mb": round(df.attrs["trial_max_rss_mb"]),
+            "best_speedup_at_0.5pp": round(float(df[df.miou_delta_pp >= -0.5].speedup.max()), 3),
+            "load_average_1min_after": round(os.getloadavg()[0], 1)}, df
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default="shared,per-exit", help="comma-separated: shared, per-exit")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--baselines", action="store_true", help="also time a numpy loop and one-config-per-trial Tune")
     args = ap.parse_args()
     import ray
+    load0 = os.getloadavg()
     cache = random_cache()
     macs = reference_macs()
-    spec = SearchSpec(positions=POSITIONS, heads=HEADS, thresholds=tuple(np.round(np.linspace(0.5, 0.975, 20), 4)),
-                      max_exits=3)
-    with tempfile.TemporaryDirectory() as d:
-        t0 = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-        df = run_search(cache, spec, macs, shards=args.shards, storage_path=os.path.join(d, "tune"), verbose=False)
-        write_front(df, os.path.join(d, "pareto.parquet"), {"mode": spec.mode, "thresholds": spec.thresholds_mode})
-        seconds = time.perf_counter() - t0
-        numpy_rate = plain_numpy_rate(cache, spec)
-        trial_rate = per_trial_tune_rate(cache)
-        ray.shutdown()
-    n = df.attrs["n_evaluated"]
-    rate = n / seconds
-    print(json.dumps({
-        "n_configs": n, "front_size": len(df), "seconds": round(seconds, 2), "configs_per_s": round(rate),
-        "num_cpus": args.num_cpus, "shards": args.shards,
-        "evaluator_configs_per_cpu_s": round(n / df.attrs["shard_cpu_s"]),
-        "load_average_1min": round(os.getloadavg()[0], 1),
-        "numpy_loop_configs_per_s": round(numpy_rate), "tune_per_trial_configs_per_s": round(trial_rate, 2),
-        "speedup_vs_numpy_loop": round(rate / numpy_rate, 1), "speedup_vs_per_trial_tune": round(rate / trial_rate),
-        "best_speedup_at_0.5pp": round(float(df[df.miou_delta_pp >= -0.5].speedup.max()), 3),
-    }))
+    out = {"num_cpus": args.num_cpus, "shards": args.shards, "load_average_1_5_15_before": [round(x, 1) for x in load0]}
+    t0 = time.perf_counter()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    out["ray_start_s"] = round(time.perf_counter() - t0, 2)
+    for mode in args.modes.split(","):
+        spec = SearchSpec(positions=POSITIONS, heads=HEADS, max_exits=3, **SPECS[mode])
+        with tempfile.TemporaryDirectory() as d:
+            out[mode], df = search_once(cache, spec, macs, args.shards, d)
+        if args.baselines and mode == "shared":
+            numpy_rate, trial_rate = plain_numpy_rate(cache, spec), per_trial_tune_rate(cache)
+            rate = out[mode]["configs_per_s"]
+            out[mode].update({"numpy_loop_configs_per_s": round(numpy_rate),
+                              "tune_per_trial_configs_per_s": round(trial_rate, 2),
+                              "speedup_vs_numpy_loop": round(rate / numpy_rate, 1),
+                              "speedup_vs_per_trial_tune": round(rate / trial_rate)})
+    ray.shutdown()
+    out["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out["load_average_1_5_15_after"] = [round(x, 1) for x in os.getloadavg()]
+    print(json.dumps(out))
     sys.stdout.flush()
 
 

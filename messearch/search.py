@@ -4,9 +4,13 @@ A cascade (e_1, t_1) .. (e_k, t_k) sends image i to the first exit whose confide
 Its confusion counts are the final head's totals plus, for each exit j, the sum over the images that
 survive exits 1..j-1 of pass_j(i) * (X[i, e_j] - X[i, final]). For many prefixes at once that sum is one
 matrix product  survivors[rows, N] @ D[N, exits x thresholds x counts]  of 0/1 by integer entries: BLAS
-does the work, and the result is exact because every partial sum is an integer far below 2**53 (float64)
-or, when the data allow it, below 2**24 (float32). Configurations are generated level by level
-(a k-exit configuration extends a (k-1)-exit prefix), so no configuration is ever handled by Python alone.
+does the work, and the result is exact because every partial sum is an integer below 2**24 (float32 runs,
+see _runs) or 2**53 (float64). Configurations are generated level by level (a k-exit configuration extends
+a (k-1)-exit prefix), so no configuration is ever handled by Python alone.
+
+Incremental thresholds: the images that fail a prefix's last exit form nested sets as its threshold rises,
+so with per-exit thresholds the product of threshold t is the product of the previous threshold plus one over
+the images that fail at t but not before (one segment): each image enters one product per head instead of T.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from .pareto import nondominated_mask
 if TYPE_CHECKING:  # the cost model imports torchvision; trials only need the table's fields
     from .costs import CostTable
 
+# Elements of a block's counts (rows x columns x W): in cache for shared thresholds' one product per block,
+# larger for per-exit thresholds so that each product has enough rows. Columns of one product: ~COLUMN_ELEMS.
+BLOCK_ELEMS = {True: 2_000_000, False: 8_000_000}
+COLUMN_ELEMS = 8192
 KIND_REFERENCE, KIND_CASCADE, KIND_STATIC = 0, 1, 2
 KIND_NAMES = {KIND_REFERENCE: "reference", KIND_CASCADE: "cascade", KIND_STATIC: "static"}
 # Rate the size estimate assumes (configurations per second per core), measured on the reference space.
@@ -97,7 +105,7 @@ class Prepared:
     gt: np.ndarray           # int64 [C] labelled pixels per class over the split
     costs: dict              # "macs" and "lat:<device>" -> (backbone_to[E], head[E], backbone_total, final)
     devices: list[str]
-    chunks: list = field(default_factory=list)   # image runs summed exactly in xd's dtype (see _image_chunks)
+    bound: np.ndarray = None   # int64 [N]: largest |entry| of each image's xd rows (exact-sum runs, see _runs)
 
     @property
     def n_exits(self) -> int:
@@ -149,7 +157,7 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: di
     diff = x[:, ex, :] - x[:, final:final + 1, :]
     xd = np.concatenate([diff, np.ones((n, len(ex), 1), dtype=np.int64)], axis=2)
     base = np.concatenate([x[:, final, :].sum(axis=0), [0]]).astype(np.int64)
-    dtype, chunks = _image_chunks(diff)
+    dtype, bound = _exact_dtype(diff)
     if macs.unit != "macs":
         raise MessError(f"the MAC cost table has unit {macs.unit!r}; expected 'macs'")
     costs = {"macs": _cost_arrays(macs, spec, True, "the MAC")}
@@ -160,33 +168,36 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: di
         raise MessError(f"latency constraints name devices {unknown} without a profile; profiled: {sorted(latencies)}")
     return Prepared(n=n, n_classes=c, positions=list(spec.positions), heads=list(spec.heads), thresholds=thr,
                     shared=spec.thresholds_mode == "shared", max_exits=min(int(spec.max_exits), len(spec.positions)), fail=fail,
-                    xd=xd.astype(dtype), chunks=chunks, base=base, gt=cache.gt.sum(axis=0).astype(np.int64),
+                    xd=xd.astype(dtype), bound=bound, base=base, gt=cache.gt.sum(axis=0).astype(np.int64),
                     costs=costs, devices=sorted(latencies))
 
 
-def _image_chunks(diff: np.ndarray, max_chunks: int = 4):
-    """Cut the images into runs whose sums cannot reach 2**24, so float32 BLAS on each run is exact.
+def _exact_dtype(diff: np.ndarray):
+    """float32 when every entry fits it exactly (|x| < 2**24), else float64; with each image's largest |entry|.
 
-    Every partial sum of a 0/1-weighted run is bounded by the sum over the run of each image's largest |entry|;
-    below 2**24 float32 holds it exactly. When that needs more than max_chunks runs, one float64 run (exact
-    below 2**53) is cheaper. Returns (dtype, [(start, stop), ...]).
+    A 0/1-weighted sum over a run of images is bounded by the sum of their largest |entry|: _runs keeps that
+    below 2**24 (float32) so that BLAS products are exact whatever their summation order.
     """
     n = diff.shape[0]
-    per_image = np.maximum(np.abs(diff).max(axis=(1, 2)), 1) if diff.size else np.ones(n, dtype=np.int64)
-    if int(per_image.sum()) >= 2 ** 53:
-        raise MessError(f"pixel counts too large for exact sums ({int(per_image.sum())}); use a smaller split per cache")
-    if n == 0 or int(per_image.max()) >= 2 ** 24:
-        return np.float64, [(0, n)]
-    chunks, start, acc = [], 0, 0
-    for i, b in enumerate(per_image.tolist()):
-        if acc + b >= 2 ** 24:
-            chunks.append((start, i))
-            start, acc = i, 0
-        acc += b
-    chunks.append((start, n))
-    if len(chunks) > max_chunks:
-        return np.float64, [(0, n)]
-    return np.float32, chunks
+    bound = np.maximum(np.abs(diff).max(axis=(1, 2)), 1) if diff.size else np.ones(n, dtype=np.int64)
+    if int(bound.sum()) >= 2 ** 53:
+        raise MessError(f"pixel counts too large for exact sums ({int(bound.sum())}); use a smaller split per cache")
+    return (np.float32 if n and int(bound.max()) < 2 ** 24 else np.float64), bound.astype(np.int64)
+
+
+def _runs(prep: Prepared, idx: np.ndarray) -> list:
+    """Cut image indices into runs whose products are exact in xd's dtype; [(start, stop), ...] into idx."""
+    if prep.xd.dtype == np.float64:
+        return [(0, len(idx))]
+    cs = np.cumsum(prep.bound[idx])
+    if cs[-1] < 2 ** 24:
+        return [(0, len(idx))]
+    runs, start, base = [], 0, 0
+    for i in range(len(idx)):
+        if cs[i] - base >= 2 ** 24:
+            runs.append((start, i))
+            start, base = i, cs[i - 1]
+    return runs + [(start, len(idx))]
 
 
 # ----------------------------------------------------------------------------------------- metrics of blocks
@@ -265,31 +276,46 @@ def static_rows(prep: Prepared) -> dict:
 # ------------------------------------------------------------------------------------------ the hot path
 
 @dataclass
-class Group:
-    """Prefixes (configurations of j exits) that later exits extend; R rows."""
+class Rows:
+    """Configurations of j exits that later exits extend (R rows)."""
 
-    s: np.ndarray        # bool [R, N]: images that pass none of the prefix's exits
-    counts: np.ndarray   # float64 [R, W]: exact counts of the prefix configuration (last column: images exited)
+    counts: np.ndarray   # float64 [R, W]: exact counts (last column: images exited)
     exits: np.ndarray    # int64 [R, j]
     tidx: np.ndarray     # int64 [R, j]
     n_at: np.ndarray     # int64 [R, j]: images leaving at each exit
     acc: dict            # cost table -> [R]: sum_j n_j * (backbone_to[p_j] + h_1 + .. + h_j)
     hsum: dict           # cost table -> [R]: h_1 + .. + h_j
 
+    def take(self, idx) -> "Rows":
+        return Rows(self.counts[idx], self.exits[idx], self.tidx[idx], self.n_at[idx],
+                    {k: v[idx] for k, v in self.acc.items()}, {k: v[idx] for k, v in self.hsum.items()})
 
-def _concat_groups(parts: list[Group]) -> Group:
-    cat = np.concatenate
-    return Group(cat([g.s for g in parts]), cat([g.counts for g in parts]), cat([g.exits for g in parts]),
-                 cat([g.tidx for g in parts]), cat([g.n_at for g in parts]),
-                 {k: cat([g.acc[k] for g in parts]) for k in parts[0].acc},
-                 {k: cat([g.hsum[k] for g in parts]) for k in parts[0].hsum})
+
+@dataclass
+class Group:
+    """Prefixes whose last exit sits at one position: parent prefix x head variant there x its threshold.
+
+    Rows are ordered (head, parent, threshold) and the thresholds ascend in value, so the images that fail
+    the last exit grow in nested sets: consecutive thresholds differ by one segment of images, and the
+    extension's sums are carried from one threshold to the next instead of recomputed (incremental sums).
+    """
+
+    ps: np.ndarray       # bool [P, N]: images that pass none of the parent prefix's exits
+    ex: np.ndarray       # int64 [H]: the last exit's candidate exits; [-1] for the root (no exit yet)
+    tcols: np.ndarray    # int64 [Tc]: threshold indices of the last exit, ascending in value
+    rows: Rows           # H * P * Tc rows
+
+
+def _fail(prep: Prepared, e: int, tcols: np.ndarray) -> np.ndarray:
+    """bool [N, Tc]: images that do not leave at exit e with each threshold (all of them for the root)."""
+    return np.ones((prep.n, len(tcols)), dtype=bool) if e < 0 else prep.fail[:, e][:, tcols]
 
 
 @dataclass
 class Block:
     """Configurations prefix row x new exit x its threshold (M = R * ncol * tc, flattened in that order)."""
 
-    rows: Group
+    rows: Rows
     col_exits: np.ndarray   # [ncol]
     col_t: np.ndarray       # [tc]
     counts: np.ndarray      # float64 [R, ncol, tc, W] exact
@@ -297,96 +323,151 @@ class Block:
     acc: dict               # table -> [R, ncol, tc] acc of the extended prefix
     hsum: dict              # table -> [R, ncol, 1]
     total: dict             # table -> [R, ncol, tc] sum of per-image costs of the configuration
+    survivors: object = None   # () -> bool [R, N]: images that pass none of each row's exits (built on demand)
 
     @property
     def size(self) -> int:
         return self.n_new.size
 
-
-def _extend(prep: Prepared, g: Group, dsub: np.ndarray, col_exits, col_t, chunk_elems: int):
-    """Yield Blocks of every prefix in g extended by each (column exit, threshold); dsub is D[:, cols, tcols, :]."""
-    n, w = prep.n, prep.width
-    ncol, tcn = len(col_exits), len(col_t)
-    # only images that some prefix lets through and some new exit lets out can change a count
-    live = g.s.any(axis=0) & ~np.all(prep.fail[:, col_exits][:, :, col_t], axis=(1, 2))
-    runs = []
-    for a, z in prep.chunks:
-        ia = a + np.flatnonzero(live[a:z])
-        if len(ia) >= 0.75 * (z - a):   # gathering costs more than it saves
-            ia = slice(a, z)
-        elif len(ia) == 0:
-            continue
-        runs.append((ia, dsub[ia].reshape(-1, ncol * tcn * w)))
-    step = max(1, chunk_elems // max(1, ncol * tcn * w))
-    for r0 in range(0, len(g.counts), step):
-        r1 = min(len(g.counts), r0 + step)
-        counts = np.broadcast_to(g.counts[r0:r1, None, :], (r1 - r0, 1, w)).repeat(ncol * tcn, axis=1)
-        for ia, dmat in runs:   # each run's product is exact in its dtype; the float64 sum is exact below 2**53
-            counts += (g.s[r0:r1, ia].astype(dmat.dtype) @ dmat).reshape(r1 - r0, ncol * tcn, w)
-        counts = counts.reshape(r1 - r0, ncol, tcn, w)
-        n_new = counts[..., w - 1] - g.counts[r0:r1, None, None, w - 1]
-        n_final = n - counts[..., w - 1]
-        acc, hsum, total = {}, {}, {}
-        for key, (bb, hd, tot, fin) in prep.costs.items():
-            nn, nf = (n_new.astype(np.int64), n_final.astype(np.int64)) if bb.dtype == np.int64 else (n_new, n_final)
-            h = g.hsum[key][r0:r1, None, None] + hd[col_exits][None, :, None]
-            a = g.acc[key][r0:r1, None, None] + nn * (bb[col_exits][None, :, None] + h)
-            acc[key], hsum[key], total[key] = a, h, a + nf * ((tot + h) + fin)
-        rows = Group(g.s[r0:r1], g.counts[r0:r1], g.exits[r0:r1], g.tidx[r0:r1], g.n_at[r0:r1],
-                     {k: v[r0:r1] for k, v in g.acc.items()}, {k: v[r0:r1] for k, v in g.hsum.items()})
-        yield Block(rows, np.asarray(col_exits), np.asarray(col_t), counts, n_new, acc, hsum, total)
+    def s(self) -> np.ndarray:
+        """bool [R, N]: images that pass none of each row's exits."""
+        return self.survivors()
 
 
-def _next_group(prep: Prepared, b: Block, sel: slice, tcols: np.ndarray) -> Group:
-    """The prefixes of one more exit: block columns `sel` (the head variants of one position), all thresholds."""
+def _extend(prep: Prepared, g: Group, d: np.ndarray, tree_t: np.ndarray, cols: np.ndarray, tsel: np.ndarray,
+            chunk_elems: int):
+    """Yield Blocks of every prefix in g extended by each (exit in cols, threshold tree_t[tsel]); d is [N, E, Tt, W].
+
+    For one head of the last prefix exit, its thresholds' failing sets are nested: the product over a
+    threshold's new segment of images is added to the previous threshold's sums (exact: integers in BLAS,
+    runs bounded by _runs, float64 accumulation). With one threshold (shared mode) all heads go in one product.
+    """
+    n, w, h_all = prep.n, prep.width, len(prep.heads)
+    n_h, n_p, tcn = len(g.ex), len(g.ps), len(g.tcols)
+    col_t = tree_t[tsel]
+    step_pos = max(1, COLUMN_ELEMS // (h_all * len(tsel) * w))
+    batches = [np.arange(n_h)] if tcn == 1 else [np.array([i]) for i in range(n_h)]
+    for c0 in range(0, len(cols), step_pos * h_all):
+        ce = cols[c0:c0 + step_pos * h_all]
+        cw = len(ce) * len(tsel) * w
+        dv = d[:, ce[0]:ce[-1] + 1]   # a view; only the rows a product needs are gathered
+        if len(tsel) < d.shape[2]:
+            dv = dv[:, :, tsel]
+        passes = ~np.all(prep.fail[:, ce][:, :, col_t], axis=(1, 2))   # images some new exit lets out
+        for hb in batches:
+            f = np.stack([_fail(prep, int(e), g.tcols) for e in g.ex[hb]])   # [Hb, N, Tc]
+            seg = f.copy()
+            seg[:, :, 1:] &= ~f[:, :, :-1]
+            p_step = max(1, chunk_elems // (len(hb) * tcn * cw))
+            for p0 in range(0, n_p, p_step):
+                p1 = min(n_p, p0 + p_step)
+                ps = g.ps[p0:p1]
+                live = ps.any(axis=0) & passes
+                run = np.zeros((len(hb) * (p1 - p0), cw))
+                out = run.reshape(len(hb), p1 - p0, 1, cw) if tcn == 1 else np.empty((len(hb), p1 - p0, tcn, cw))
+                for j in range(tcn):
+                    idx = np.flatnonzero(seg[:, :, j].any(axis=0) & live)
+                    runs = _runs(prep, idx) if len(idx) else []
+                    wide = len(runs) > 2   # many short float32 runs cost more than one float64 product
+                    for a, z in ([(0, len(idx))] if wide else runs):
+                        ii = idx[a:z]
+                        dm = dv[ii].reshape(len(ii), cw)
+                        dm = dm.astype(np.float64) if wide else dm
+                        sel = (ps[None, :, ii] & seg[:, ii, j][:, None, :]).reshape(-1, len(ii))
+                        run += sel.astype(dm.dtype) @ dm
+                    if tcn > 1:
+                        out[:, :, j] = run.reshape(len(hb), p1 - p0, cw)
+                rid = ((hb[:, None] * n_p + np.arange(p0, p1)[None, :])[..., None] * tcn + np.arange(tcn)).reshape(-1)
+                rows = g.rows.take(rid)
+                counts = out.reshape(len(rid), len(ce), len(tsel), w)
+                counts += rows.counts[:, None, None, :]
+                yield _block(prep, rows, ce, col_t, counts,
+                             lambda ps=ps, f=f: (ps[None, :, None, :] & f.transpose(0, 2, 1)[:, None, :, :]).reshape(-1, n))
+
+
+def _block(prep: Prepared, rows: Rows, ce, col_t, counts, survivors) -> Block:
+    w = prep.width
+    n_new = counts[..., w - 1] - rows.counts[:, None, None, w - 1]
+    n_final = prep.n - counts[..., w - 1]
+    acc, hsum, total = {}, {}, {}
+    for key, (bb, hd, tot, fin) in prep.costs.items():
+        nn, nf = (n_new.astype(np.int64), n_final.astype(np.int64)) if bb.dtype == np.int64 else (n_new, n_final)
+        h = rows.hsum[key][:, None, None] + hd[ce][None, :, None]
+        a = rows.acc[key][:, None, None] + nn * (bb[ce][None, :, None] + h)
+        acc[key], hsum[key], total[key] = a, h, a + nf * ((tot + h) + fin)
+    return Block(rows, np.asarray(ce), np.asarray(col_t), counts, n_new, acc, hsum, total, survivors)
+
+
+def _child(b: Block, sel: slice) -> tuple:
+    """The prefixes of one more exit from block columns `sel` (the head variants of one position), in pieces
+    shaped [H, R, tc, ...] that _group concatenates along R."""
     r, tcn = len(b.rows.counts), len(b.col_t)
     ex = b.col_exits[sel]
     k = b.rows.exits.shape[1]
-    s = b.rows.s[:, None, None, :] & prep.fail[:, ex][:, :, b.col_t].transpose(1, 2, 0)[None]
-    h = len(ex)
 
     def grow(old, new):
-        return np.concatenate([np.broadcast_to(old[:, None, None, :], (r, h, tcn, k)), new[..., None]], axis=3).reshape(-1, k + 1)
-    return Group(s.reshape(-1, prep.n), b.counts[:, sel].reshape(-1, prep.width),
-                 grow(b.rows.exits, np.broadcast_to(ex[None, :, None], (r, h, tcn))),
-                 grow(b.rows.tidx, np.broadcast_to(b.col_t[None, None, :], (r, h, tcn))),
-                 grow(b.rows.n_at, b.n_new[:, sel].astype(np.int64)),
-                 {k2: v[:, sel].reshape(-1) for k2, v in b.acc.items()},
-                 {k2: np.broadcast_to(v[:, sel], (r, h, tcn)).reshape(-1) for k2, v in b.hsum.items()})
+        return np.concatenate([np.broadcast_to(old[None, :, None, :], (len(ex), r, tcn, k)), new[..., None]], axis=3)
+    t = (1, 0, 2)
+    return (b.s(), ex, b.col_t, b.counts[:, sel].transpose(1, 0, 2, 3),
+            grow(b.rows.exits, np.broadcast_to(ex[:, None, None], (len(ex), r, tcn))),
+            grow(b.rows.tidx, np.broadcast_to(b.col_t[None, None, :], (len(ex), r, tcn))),
+            grow(b.rows.n_at, b.n_new[:, sel].astype(np.int64).transpose(t)),
+            {k2: v[:, sel].transpose(t) for k2, v in b.acc.items()},
+            {k2: np.broadcast_to(v[:, sel], (r, len(ex), tcn)).transpose(t) for k2, v in b.hsum.items()})
 
 
-def eval_tree(prep: Prepared, t_root: int, first_positions, sink, chunk_elems: int = 2_000_000) -> None:
-    """Evaluate every cascade whose first exit sits at one of `first_positions` with threshold index t_root.
+def _group(parts: list[tuple], width: int) -> Group:
+    """Concatenate _child pieces (same position and thresholds) into one Group."""
+    cat = np.concatenate
+    _, ex, tcols = parts[0][:3]
 
-    Calls sink.block(Block) for every block of configurations (all of one exit count).
+    def flat(i, tail=()):
+        return cat([p[i] for p in parts], axis=1).reshape((-1,) + tail)
+    k = parts[0][4].shape[-1]
+    rows = Rows(flat(3, (width,)), flat(4, (k,)), flat(5, (k,)), flat(6, (k,)),
+                {key: cat([p[7][key] for p in parts], axis=1).reshape(-1) for key in parts[0][7]},
+                {key: cat([p[8][key] for p in parts], axis=1).reshape(-1) for key in parts[0][8]})
+    return Group(cat([p[0] for p in parts]), ex, tcols, rows)
+
+
+def eval_tree(prep: Prepared, roots, sink, chunk_elems: int | None = None) -> None:
+    """Evaluate every cascade whose first exit is a head at position p with threshold index t, (t, p) in roots.
+
+    Shared thresholds: all roots share one t. Calls sink.block(Block) for every block of configurations.
     """
     n, h, npos, e_all = prep.n, len(prep.heads), len(prep.positions), prep.n_exits
-    tcols = np.array([t_root] if prep.shared else range(len(prep.thresholds)), dtype=np.int64)
-    tc = len(tcols)
-    d = prep.xd[:, :, None, :] * (~prep.fail[:, :, tcols])[..., None].astype(prep.xd.dtype)   # [N, E, Tc, W]
+    by_p = defaultdict(set)
+    for t, p in roots:
+        by_p[int(p)].add(int(t))
+    order = np.argsort(prep.thresholds, kind="stable")   # threshold indices ascending in value
+    tree_t = order[np.isin(order, sorted(set().union(*by_p.values())))] if prep.shared else order
+    d = prep.xd[:, :, None, :] * (~prep.fail[:, :, tree_t])[..., None].astype(prep.xd.dtype)   # [N, E, Tt, W]
     zero = {k: np.zeros(1, dtype=v[0].dtype) for k, v in prep.costs.items()}
     empty = np.zeros((1, 0), dtype=np.int64)
-    root = Group(np.ones((1, n), dtype=bool), prep.base[None, :].astype(np.float64), empty, empty, empty, zero, zero)
-    root_t = np.flatnonzero(tcols == t_root)
-    groups = {}
-    for p in sorted(set(int(x) for x in first_positions)):
+    root = Group(np.ones((1, n), dtype=bool), np.array([-1]), np.array([0]),
+                 Rows(prep.base[None, :].astype(np.float64), empty, empty, empty, zero, zero))
+    chunk_elems = chunk_elems or BLOCK_ELEMS[prep.shared]
+    groups = defaultdict(list)
+    for p in sorted(by_p):
         es = np.arange(p * h, (p + 1) * h)
-        for b in _extend(prep, root, d[:, es][:, :, root_t], es, tcols[root_t], chunk_elems):
+        for b in _extend(prep, root, d, tree_t, es, np.flatnonzero(np.isin(tree_t, sorted(by_p[p]))), chunk_elems):
             sink.block(b)
             if prep.max_exits > 1:
-                groups[p] = _next_group(prep, b, slice(0, h), tcols)
+                groups[p].append(_child(b, slice(0, h)))
     for level in range(2, prep.max_exits + 1):
         nxt = defaultdict(list)
         for p in sorted(groups):
             first = (p + 1) * h
             if first >= e_all:
                 continue
-            for b in _extend(prep, groups[p], d[:, first:], np.arange(first, e_all), tcols, chunk_elems):
+            g = _group(groups[p], prep.width)
+            for b in _extend(prep, g, d, tree_t, np.arange(first, e_all), np.arange(len(tree_t)), chunk_elems):
                 sink.block(b)
                 if level < prep.max_exits:
-                    for q in range(p + 1, npos):
-                        nxt[q].append(_next_group(prep, b, slice((q - p - 1) * h, (q - p) * h), tcols))
-        groups = {q: _concat_groups(parts) for q, parts in nxt.items()}
+                    q0 = int(b.col_exits[0]) // h
+                    for q in range(q0, q0 + len(b.col_exits) // h):
+                        nxt[q].append(_child(b, slice((q - q0) * h, (q - q0 + 1) * h)))
+        groups = nxt
 
 
 def block_rows(prep: Prepared, b: Block, idx: np.ndarray, miou: np.ndarray | None = None) -> dict:
@@ -482,14 +563,14 @@ class FrontSink:
 
 def evaluate_items(prep: Prepared, items: list[tuple], sink, progress=None) -> None:
     """Run the evaluator over a shard's work items (trees grouped by threshold index, then static rows)."""
-    by_t = defaultdict(list)
+    trees = defaultdict(list)   # shared: a tree per threshold; per-exit: per first position, all its first thresholds
     for it in items:
         if it[0] == "tree":
-            by_t[it[1]].append(it[2])
+            trees[it[1] if prep.shared else it[2]].append((it[1], it[2]))
         else:
             sink.add(static_rows(prep))
-    for t_root in sorted(by_t):
-        eval_tree(prep, t_root, by_t[t_root], sink)
+    for key in sorted(trees):
+        eval_tree(prep, trees[key], sink)
         if progress is not None:
             progress(sink)
 

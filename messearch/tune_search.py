@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -257,7 +258,8 @@ def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, plan=
     with tempfile.TemporaryDirectory() as d:
         np.savez(os.path.join(d, "rows.npz"), **(rows or {}))
         tune.report({"n_evaluated": n, "front_size": len(rows.get("miou", [])), "done": True,
-                     "cpu_s": time.process_time() - cpu0, "eval_s": time.perf_counter() - wall0},
+                     "cpu_s": time.process_time() - cpu0, "eval_s": time.perf_counter() - wall0,
+                     "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
                     checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -329,7 +331,7 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     grid = tuner.fit()
     if grid.errors:
         raise MessError(f"{len(grid.errors)} search shard(s) failed after retries: {grid.errors[0]}")
-    parts, total, cpu_s = [], 0, 0.0
+    parts, total, cpu_s, rss, eval_s = [], 0, 0.0, 0.0, []
     for result in grid:
         if result.checkpoint is None:
             raise MessError(f"search shard {result.config.get('shard')} finished without its result")
@@ -338,7 +340,11 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
                 parts.append({k: z[k] for k in z.files})
         total += int(result.metrics.get("n_evaluated", 0))
         cpu_s += float(result.metrics.get("cpu_s", 0.0))
+        rss = max(rss, float(result.metrics.get("max_rss_mb", 0.0)))
+        eval_s.append(float(result.metrics.get("eval_s", 0.0)))
     df = finish_front(prep, spec, parts)
-    # shard_cpu_s: CPU seconds the shards spent evaluating (configurations per CPU second = per-core speed)
-    df.attrs.update(n_evaluated=total, seconds=time.perf_counter() - t0, shard_cpu_s=cpu_s)
+    # shard_cpu_s: CPU seconds the shards spent evaluating (configurations per CPU second = per-core speed);
+    # shard_eval_s: each shard's evaluation wall time; trial_max_rss_mb: the largest trial process's peak memory
+    df.attrs.update(n_evaluated=total, seconds=time.perf_counter() - t0, shard_cpu_s=cpu_s, shard_eval_s=eval_s,
+                    trial_max_rss_mb=rss)
     return df

@@ -1,5 +1,6 @@
 """The vectorised search against a brute-force evaluation written plainly, on random small caches."""
 
+import contextlib
 import itertools
 import math
 
@@ -10,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messearch import stats
+from messearch import search, stats
 from messearch.cache import CacheArrays
 from messearch.errors import MessError
 from messearch.pareto import config_id, read_front, write_front
@@ -188,7 +189,7 @@ def problems(draw, per_exit=False):
     cache = make_cache(draw(st.integers(0, 10**6)), n_pos, n_heads, draw(st.integers(3, 12)), draw(st.integers(2, 4)))
     fraction = draw(st.booleans())
     spec = SearchSpec(positions=list(cache.positions), heads=list(cache.heads), thresholds=thresholds,
-                      max_exits=draw(st.integers(1, 2 if per_exit else 3)),
+                      max_exits=draw(st.integers(1, 3)),
                       thresholds_mode="per-exit" if per_exit else "shared",
                       mode=draw(st.sampled_from(["cascade", "single"])),
                       policy_kind="fraction" if fraction else "mean", pixel_threshold_bin=2 if fraction else None)
@@ -201,32 +202,52 @@ def problems(draw, per_exit=False):
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 
 
+@contextlib.contextmanager
+def small_blocks(on: bool):
+    """Blocks of one parent prefix and one position's columns: every chunked path of the evaluator runs."""
+    saved = dict(search.BLOCK_ELEMS), search.COLUMN_ELEMS
+    if on:
+        search.BLOCK_ELEMS.update({True: 1, False: 1})
+        search.COLUMN_ELEMS = 1
+    try:
+        yield
+    finally:
+        search.BLOCK_ELEMS.update(saved[0])
+        search.COLUMN_ELEMS = saved[1]
+
+
 @SETTINGS
-@given(problems(), st.integers(1, 5))
-def test_front_equals_brute_force_shared(problem, shards):
+@given(problems(), st.integers(1, 5), st.booleans())
+def test_front_equals_brute_force_shared(problem, shards, small):
     cache, spec, macs, latencies = problem
     rows = brute_force_rows(cache, spec, macs, latencies)
-    df = search_local(cache, spec, macs, latencies, shards=shards)
+    with small_blocks(small):
+        df = search_local(cache, spec, macs, latencies, shards=shards)
     assert_same_rows(df, brute_force_front(rows, latencies, spec), latencies)
     assert_no_row_dominated(df)
     assert df.attrs["n_evaluated"] == len(rows) - 1 == spec.n_configs()
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(problems(per_exit=True), st.integers(1, 3))
-def test_front_equals_brute_force_per_exit(problem, shards):
+@given(problems(per_exit=True), st.integers(1, 3), st.booleans())
+def test_front_equals_brute_force_per_exit(problem, shards, small):
     cache, spec, macs, latencies = problem
     rows = brute_force_rows(cache, spec, macs, latencies)
-    df = search_local(cache, spec, macs, latencies, shards=shards)
+    with small_blocks(small):
+        df = search_local(cache, spec, macs, latencies, shards=shards)
     assert_same_rows(df, brute_force_front(rows, latencies, spec), latencies)
+    assert df.attrs["n_evaluated"] == len(rows) - 1 == spec.n_configs()
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
-@given(problems())
-def test_every_configuration_equals_brute_force(problem):
+@given(st.booleans().flatmap(problems), st.booleans())
+def test_every_configuration_equals_brute_force(problem, small):
+    # both modes, every configuration row for row: the incremental sums (per-exit thresholds carried from one
+    # threshold to the next), the chunked blocks and the float32 runs give the brute force's exact numbers
     cache, spec, macs, latencies = problem
     rows = brute_force_rows(cache, spec, macs, latencies)
-    df = evaluate_configs(cache, spec, macs, latencies)
+    with small_blocks(small):
+        df = evaluate_configs(cache, spec, macs, latencies)
     assert len(df) == len(rows) and df["config_id"].is_unique
     assert_same_rows(df, rows, latencies)
 
@@ -301,18 +322,19 @@ def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_pat
     assert set(df["config_id"]) - {"reference"} <= set(every["config_id"])
 
 
-@pytest.mark.parametrize("scale", [2**19, 2**21])
+@pytest.mark.parametrize("scale", [2**19, 2**23])
 def test_large_pixel_counts_stay_exact(scale):
-    # counts large enough that float32 needs several image runs (2**19) or float64 (2**21): still bit-exact
+    # counts large enough that float32 needs several image runs (2**19) or float64 (2**23): still bit-exact
     cache = make_cache(11, 3, 2, 12, 3)
     for name in ("tp", "pred", "gt", "n_above", "n_pixels"):
         setattr(cache, name, getattr(cache, name) * scale)
     macs = make_costs(11, cache.positions, cache.heads)
     spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
                       policy_kind="fraction", pixel_threshold_bin=2)
-    from messearch.search import prepare
+    from messearch.search import _runs, prepare
     prep = prepare(cache, spec, macs)
-    assert (prep.xd.dtype == np.float32 and len(prep.chunks) > 1) if scale == 2**19 else prep.xd.dtype == np.float64
+    all_images = np.arange(prep.n)
+    assert (prep.xd.dtype == np.float32 and len(_runs(prep, all_images)) > 1) if scale == 2**19 else prep.xd.dtype == np.float64
     rows = brute_force_rows(cache, spec, macs, {})
     assert_same_rows(evaluate_configs(cache, spec, macs), rows, {})
     assert_same_rows(search_local(cache, spec, macs, shards=2), brute_force_front(rows, {}, spec), {})
