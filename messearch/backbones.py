@@ -20,7 +20,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
 from .errors import MessError
-from .io import load_weights_only
+from .files import load_weights_only
 
 _BLOCKS = (resnet.BasicBlock, resnet.Bottleneck, mobilenetv3.InvertedResidual)
 

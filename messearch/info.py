@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .costs import mac_table
 from .model import feature_shapes
-from .space import count_configs, load_space
+from .config import count_configs
+from .space import load_space
 
 
 def space_info(path: str, input_size=None) -> dict:

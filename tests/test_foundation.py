@@ -15,7 +15,8 @@ from messearch.backbones import MODELS, PUBLISHED_WEIGHTS, build_torchvision_mod
 from messearch.costs import mac_table, model_macs, unit_macs
 from messearch.errors import MessError, SpaceError
 from messearch.model import build_mess_network
-from messearch.space import count_configs, load_space, space_from_text
+from messearch.config import count_configs
+from messearch.space import load_space, space_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "messearch" / "spaces").glob("*.yaml"))
