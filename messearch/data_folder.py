@@ -19,6 +19,7 @@ differs from its image, a mask value that is no class, or an unknown colour (wit
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,9 +283,18 @@ class FolderDataset(FileDataset):
         return mask
 
     def check(self, deep: bool = False) -> None:
-        """Decode every mask (values or colours, size against the image header); `deep` decodes images too."""
+        """Decode every mask (values or colours, size against the image header); `deep` decodes images too.
+        A mask already verified in this process (same bytes, classes and image size) is not decoded again:
+        pipeline and train both check before any work."""
         for i in range(len(self)):
             if deep:
                 self.load(i)
-            else:
-                self.load_label(i, _header(self.images[i], "image")[0])
+                continue
+            size = _header(self.images[i], "image")[0]
+            key = (hashlib.blake2b(self.labels[i].read_bytes(), digest_size=16).digest(), self.classes, size)
+            if key not in _VERIFIED:
+                self.load_label(i, size)
+                _VERIFIED.add(key)
+
+
+_VERIFIED: set = set()  # masks that passed check(), keyed by content hash, classes and image size
