@@ -24,9 +24,9 @@ import torch
 
 from messearch.cache import cache_batch, shard_table
 from messearch.costs import mac_table
-from messearch.profile import device_name
+from messearch.devices import device_name
 from messearch.data import build_dataset
-from messearch.model import build_mess_network
+from messearch.weights import build_mess_network
 from messearch.space import load_space
 
 

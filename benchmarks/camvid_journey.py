@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from messearch.front import best_under, speedup_at_equal_accuracy
-from messearch.pareto import read_front
+from messearch.front import read_front
 from messearch.pipeline import run_pipeline
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"

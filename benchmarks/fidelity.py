@@ -30,15 +30,16 @@ import numpy as np
 import torch
 
 from messearch import stats
-from messearch.cache import CacheArrays
+from messearch.cache_format import CacheArrays
 from messearch.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from messearch.costs import CostTable, mac_table
 from messearch.data import build_dataset
 from messearch.evaluate import evaluate, load_model
-from messearch.export import Config, build_export
-from messearch.io import sha256_file
-from messearch.model import build_mess_network
-from messearch.pareto import read_front, write_front
+from messearch.config import Config
+from messearch.export import build_export
+from messearch.files import sha256_file
+from messearch.weights import build_mess_network
+from messearch.front import read_front, write_front
 from messearch.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cache(ckpt: Path, data: str, split: str, out: Path) -> CacheArrays:
     try:
-        from messearch.cache import build_cache, load_cache
+        from messearch.cache import build_cache
+        from messearch.cache_format import load_cache
     except ImportError:
         build_cache = None
     if build_cache is not None:
@@ -81,7 +83,7 @@ def direct_cache(ckpt, data: str, split: str) -> CacheArrays:
 def build_run(out: Path, images: int, train: bool) -> None:
     """A quickstart-size run in `out`: mess.pt, pareto.parquet (and cache/ when messearch.cache builds one)."""
     from messearch.search import SearchSpec
-    from messearch.tune_search import evaluate_configs, search_local
+    from messearch.search_driver import evaluate_configs, search_local
 
     out.mkdir(parents=True, exist_ok=True)
     space = load_space(ROOT / "messearch" / "spaces" / "quickstart.yaml")

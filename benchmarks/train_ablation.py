@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from messearch.io import atomic_write_text
+from messearch.files import atomic_write_text
 from messearch.space import load_space
 from messearch.train import train
 

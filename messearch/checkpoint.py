@@ -13,7 +13,7 @@ import torchvision
 
 from . import __version__
 from .errors import MessError
-from .io import atomic_write_bytes, load_weights_only
+from .files import atomic_write_bytes, load_weights_only
 from .model import MESSNetwork
 from .space import Space, space_from_text
 

@@ -64,10 +64,10 @@ def _run_cache(args) -> int:
                     gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, resume=args.resume,
                     keep_confusion=args.keep_confusion, address=args.address,
                     shard_size=args.shard_size or DEFAULT_SHARD_SIZE, progress=not args.quiet)
-    size = sum((Path(args.out) / s["file"]).stat().st_size for s in m["shards"])
-    print(f"cache {args.out}: {m['n_images']} images x {len(m['exits'])} exits ({len(m['exits']) - 1} candidates + final), "
-          f"{m['num_classes']} classes, {len(m['shards'])} shards ({len(m['recomputed'])} computed now, "
-          f"{len(m['retries'])} retried), {size / 1e6:.2f} MB; cache_sha256 {m['cache_sha256'][:12]}")
+    size = sum((Path(args.out) / s["file"]).stat().st_size for s in m.shards)
+    print(f"cache {args.out}: {m.n_images} images x {len(m.exits)} exits ({len(m.exits) - 1} candidates + final), "
+          f"{m.num_classes} classes, {len(m.shards)} shards ({len(m.recomputed)} computed now, "
+          f"{len(m.retries)} retried), {size / 1e6:.2f} MB; cache_sha256 {m.cache_sha256[:12]}")
     return 0
 
 
@@ -106,9 +106,11 @@ def _run_export(args) -> int:
 
     model = build_export(args.checkpoint, args.front, args.config_id)
     path = save_exported(model, args.out, torchscript=args.torchscript)
+    from .config import Config
+
     meta = model.meta
     cfg, costs = meta["config"], meta["costs"]
-    exits = ", ".join(f"{p}/{h}@{t:g}" for p, h, t in zip(cfg["positions"], cfg["heads"], cfg["thresholds"])) or "none"
+    exits = Config.from_dict(cfg).exits_text()
     print(f"exported {args.config_id} ({cfg['kind']}; exits: {exits}; final head "
           f"{'kept' if cfg['kind'] != 'static' else 'pruned'}) to {path}"
           f"{' (TorchScript)' if args.torchscript else ''}; reference {costs['reference'] / 1e9:.3f} GMACs")
@@ -231,7 +233,7 @@ def _add_search(sub) -> None:
 
 def _run_search(args) -> int:
     from .front import summary_line
-    from .pipeline import SearchOptions, search_to_front
+    from .search_driver import SearchOptions, search_to_front
 
     opts = SearchOptions(max_exits=args.max_exits, thresholds=args.thresholds, mode=args.mode, profiles=args.profile,
                          max_gmacs=args.max_gmacs, max_latency_ms=_device_budget(args.max_latency_ms),

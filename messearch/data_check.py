@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import IGNORE, build_dataset, parse_spec
+from .data import build_dataset, parse_spec
+from .dataset import IGNORE
 from .errors import DataError
 
 SYNTHETIC_SIZE = (128, 128)  # synthetic scenes are rendered at the input size; this one for the summary

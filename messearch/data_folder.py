@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from .data import IGNORE
+from .dataset import IGNORE
 from .data_formats import FileDataset, _header
 from .errors import DataError
 

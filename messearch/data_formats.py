@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from .data import IGNORE, SegDataset
+from .dataset import IGNORE, SegDataset
 from .errors import DataError
 
 _LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import SegDataset
+from .dataset import SegDataset
 from .errors import DataError
 
 LEVELS = ("easy", "medium", "hard")

@@ -14,25 +14,25 @@ import numpy as np
 import torch
 
 from . import stats
+from .checkpoint import FORMAT as CKPT_FORMAT
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data import build_dataset
+from .devices import parse_device
 from .errors import MessError
-from .io import load_weights_only
+from .export import export_config, is_torchscript_file, load_exported
+from .files import load_weights_only, sha256_file
 
 FRONT_KEYS = ("miou", "pixel_acc", "exit_rates", "mean_gmacs", "latency_ms_median", "latency_ms_p90")
 
 
 def load_model(path):
     """An exported model file, or a MESS checkpoint (mess.pt) as its reference model (backbone + final head)."""
-    from .checkpoint import FORMAT as CKPT_FORMAT
-    from .export import Config, export_config, is_torchscript_file, load_exported
-
     if not Path(path).is_file():
         raise MessError(f"{path}: model file not found")
     if not is_torchscript_file(path):
         payload = load_weights_only(path, "exported model or MESS checkpoint")
         if isinstance(payload, dict) and payload.get("format") == CKPT_FORMAT:
-            from .checkpoint import load_checkpoint
-            from .io import sha256_file
-
             net, space, _ = load_checkpoint(path)
             prov = {"config_id": "reference", "checkpoint": str(path), "checkpoint_sha256": sha256_file(path)}
             return export_config(net, space, Config("reference"), prov)
@@ -67,15 +67,11 @@ def evaluate(model_or_path, data_spec: str, split: str = "val", device: str = "c
 
 
 def _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progress, compare_batch1, limit, repeat):
-    from .data import build_dataset
-
     model = load_model(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     meta = _meta(model)
     if batch_size < 1:
         raise MessError(f"batch size {batch_size} must be >= 1")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MessError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    dev = torch.device(device)
+    dev = parse_device(device)
     model = model.to(dev).eval()
     ds = build_dataset(data_spec, split, tuple(meta["input_size"]), train=False, ignore_index=meta["ignore_index"],
                        num_classes=meta["num_classes"])

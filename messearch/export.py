@@ -14,54 +14,26 @@ import io
 import json
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torchvision.models.segmentation import LRASPP
 
 from . import __version__, stats
+from .checkpoint import load_checkpoint
+from .config import KINDS, Config
+from .costs import mac_table, unit_macs
 from .errors import MessError
-from .io import atomic_path, atomic_write_bytes, load_weights_only, sha256_file
-from .space import Space, space_from_text
+from .files import atomic_path, atomic_write_bytes, load_weights_only, sha256_file
+from .front import read_front
+from .model import MESSNetwork
+from .space import PolicySpec, Space, space_from_text
 
 FORMAT = "messearch/mess-export-v1"
-KINDS = ("reference", "cascade", "static")
 EXTRA_FILE = "messearch.json"
-
-
-@dataclass(frozen=True)
-class Config:
-    """One configuration: its kind, early exits in depth order (position, head) and their thresholds."""
-
-    kind: str
-    positions: tuple[str, ...] = ()
-    heads: tuple[str, ...] = ()
-    thresholds: tuple[float, ...] = ()
-
-    @classmethod
-    def from_row(cls, row) -> "Config":
-        """The configuration of a pareto.parquet row (a dict or pandas Series)."""
-        kind = str(row["kind"]) if "kind" in row else ("reference" if bool(row["is_reference"]) else "cascade")
-        return cls(kind, tuple(str(p) for p in row["positions"]), tuple(str(h) for h in row["heads"]),
-                   tuple(float(t) for t in row["thresholds"]))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        return cls(str(d["kind"]), tuple(d["positions"]), tuple(d["heads"]), tuple(float(t) for t in d["thresholds"]))
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @property
-    def n_exits(self) -> int:
-        return len(self.positions)
-
-    @property
-    def config_id(self) -> str:
-        from .pareto import config_id
-        return config_id(self.kind, self.positions, self.heads, self.thresholds)
 
 
 # ----------------------------------------------------------------------------------------- scriptable parts
@@ -265,7 +237,6 @@ def export_config(net, space: Space, config: Config, provenance: dict | None = N
         seg_list.append(seg)
         start = c + 1
     if keep_final:
-        from torchvision.models.segmentation import LRASPP
         cls = FinalDict if isinstance(net.base, LRASPP) else FinalOut
         final = cls(copy.deepcopy(net.base.classifier))
     else:
@@ -285,8 +256,6 @@ def export_config(net, space: Space, config: Config, provenance: dict | None = N
 @functools.lru_cache(maxsize=16)
 def _mac_pieces(space: Space):
     """MACs of every backbone unit, of the final head, and the space's MAC table, at its input size (counted once)."""
-    from .costs import mac_table, unit_macs
-
     _, umacs, final_macs = unit_macs(space.model, space.num_classes, tuple(space.input_size))
     return umacs, final_macs, mac_table(space, tuple(space.input_size))
 
@@ -352,9 +321,6 @@ def load_exported(path, map_location="cpu"):
         what = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise MessError(f"{path}: not a messearch exported model (format {what!r}; expected {FORMAT!r}; "
                         "make one with `messearch export`)")
-    from .model import MESSNetwork
-    from .space import PolicySpec
-
     space = space_from_text(payload["space_text"], payload.get("space_source") or f"{path}:space")
     config = Config.from_dict(payload["config"])
     pol = payload["policy"]
@@ -374,9 +340,6 @@ def load_exported(path, map_location="cpu"):
 
 def build_export(checkpoint, front_path, config_id: str) -> DynamicExitModel:
     """The pruned model of row `config_id` of the front at `front_path`, checked to come from `checkpoint`."""
-    from .checkpoint import load_checkpoint
-    from .pareto import read_front
-
     try:
         df, meta = read_front(front_path)
     except FileNotFoundError:
@@ -415,7 +378,6 @@ def export_model(checkpoint, front_path, config_id: str, out, torchscript: bool 
 
 
 def _exists(path) -> bool:
-    from pathlib import Path
     return Path(path).is_file()
 
 

@@ -1,11 +1,175 @@
-"""Small pandas helpers for the usual questions about a front (a DataFrame read from pareto.parquet)."""
+"""The Pareto front as a table: assembled from the evaluator's rows, filtered by constraints, stored as
+pareto.parquet (atomically, with metadata), and the pandas helpers for the usual questions about it.
+
+Columns are DESIGN.md's (plus `kind` and one `latency_ms_<device>` per profiled device). One predicate,
+`meets`, decides whether a row meets the constraints, for the search (on row arrays) and for
+`filter_front` (on a DataFrame) alike.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from .config import KIND_NAMES, KIND_REFERENCE, KIND_STATIC, config_id
 from .errors import MessError
+from .files import atomic_path
+from .pareto import pareto_select
+from .search import Prepared, SearchSpec, concat_rows, objectives, reference_rows, take_rows
 
+SCHEMA_VERSION = "1"
+BASE_COLUMNS = ["config_id", "kind", "n_exits", "positions", "heads", "thresholds", "miou", "pixel_acc",
+                "mean_gmacs", "exit_rates", "speedup", "miou_delta_pp", "is_reference"]
+
+
+# ------------------------------------------------------------------------------------------- constraints
+
+def meets(miou, mean_gmacs, miou_delta_pp, latency_ms: dict, max_gmacs=None, max_latency_ms=None, min_miou=None,
+          max_miou_drop_pp=None) -> np.ndarray:
+    """Which rows meet every given constraint (bool array); latency_ms maps device -> that device's column."""
+    ok = np.ones(len(miou), dtype=bool)
+    if max_gmacs is not None:
+        ok &= np.asarray(mean_gmacs) <= max_gmacs
+    for dev, ms in (max_latency_ms or {}).items():
+        ok &= np.asarray(latency_ms[dev]) <= ms
+    if min_miou is not None:
+        ok &= np.asarray(miou) >= min_miou
+    if max_miou_drop_pp is not None:
+        ok &= np.asarray(miou_delta_pp) >= -max_miou_drop_pp
+    return ok
+
+
+def violation(df: pd.DataFrame, max_gmacs=None, max_latency_ms=None, min_miou=None, max_miou_drop_pp=None) -> np.ndarray:
+    """Sum of relative constraint violations of each row (0 when it meets them), to show the nearest rows."""
+    v = np.zeros(len(df))
+    if max_gmacs is not None:
+        v += np.maximum(0, df["mean_gmacs"] - max_gmacs) / max(max_gmacs, 1e-12)
+    for dev, ms in (max_latency_ms or {}).items():
+        v += np.maximum(0, df[f"latency_ms_{dev}"] - ms) / max(ms, 1e-12)
+    if min_miou is not None:
+        v += np.maximum(0, min_miou - df["miou"]) / max(min_miou, 1e-12)
+    if max_miou_drop_pp is not None:
+        v += np.maximum(0, -max_miou_drop_pp - df["miou_delta_pp"]) / 100
+    return np.asarray(v)
+
+
+def spec_constraints(spec: SearchSpec) -> dict:
+    """The constraints of a SearchSpec as keyword arguments of meets / violation / filter_front."""
+    return {"max_gmacs": spec.max_gmacs, "max_latency_ms": dict(spec.max_latency_ms or {}), "min_miou": spec.min_miou,
+            "max_miou_drop_pp": spec.max_miou_drop_pp}
+
+
+# ------------------------------------------------------------------------------------ rows -> the front
+
+def _row_parts(prep: Prepared, rows: dict, i: int):
+    k, kind = int(rows["n_exits"][i]), int(rows["kind"][i])
+    h = len(prep.heads)
+    ex = rows["exits"][i, :k]
+    positions = [prep.positions[e // h] for e in ex]
+    heads = [prep.heads[e % h] for e in ex]
+    if kind == KIND_STATIC:   # a static truncation has no threshold: every image leaves at its exit
+        thresholds = [0.0]
+    else:
+        thresholds = [float(prep.thresholds[t]) for t in rows["tidx"][i, :k]]
+    return KIND_NAMES[kind], positions, heads, thresholds
+
+
+def row_ids(prep: Prepared, rows: dict, idx) -> list[str]:
+    """config_id of the rows at idx."""
+    return [config_id(*_row_parts(prep, rows, int(i))) for i in idx]
+
+
+def rows_to_frame(prep: Prepared, rows: dict, ref: dict) -> pd.DataFrame:
+    """The DESIGN.md columns (plus kind and latency_ms_<device>) for rows, relative to the reference row `ref`."""
+    n = prep.n
+    recs = []
+    for i in range(len(rows["miou"])):
+        kind, positions, heads, thresholds = _row_parts(prep, rows, i)
+        k = len(positions)
+        rates = [int(x) / n for x in rows["n_at"][i, :k]] + [int(rows["n_final"][i]) / n]
+        recs.append((config_id(kind, positions, heads, thresholds), kind, k, positions, heads, thresholds, rates))
+    df = pd.DataFrame(recs, columns=["config_id", "kind", "n_exits", "positions", "heads", "thresholds", "exit_rates"])
+    df["miou"] = rows["miou"]
+    df["pixel_acc"] = rows["pixel_acc"]
+    df["mean_gmacs"] = rows["mean_gmacs"]
+    df["speedup"] = ref["macsum"][0] / rows["macsum"]
+    df["miou_delta_pp"] = (rows["miou"] - ref["miou"][0]) * 100
+    df["is_reference"] = rows["kind"] == KIND_REFERENCE
+    for dev in prep.devices:
+        df[f"latency_ms_{dev}"] = rows[f"lat_{dev}"]
+    cols = ["config_id", "kind", "n_exits", "positions", "heads", "thresholds", "miou", "pixel_acc", "mean_gmacs",
+            "exit_rates", "speedup", "miou_delta_pp", "is_reference"] + [f"latency_ms_{d}" for d in prep.devices]
+    return df[cols]
+
+
+def finish_front(prep: Prepared, spec: SearchSpec, parts: list[dict]) -> pd.DataFrame:
+    """Merge shard candidates into the global front (deterministic ties), apply the constraints, add the reference."""
+    ref = reference_rows(prep)
+    rows = concat_rows([ref] + [p for p in parts if p and len(p["miou"])])
+    win = pareto_select(objectives(rows, prep.devices), rows["n_exits"], lambda idx: row_ids(prep, rows, idx))
+    cand = take_rows(rows, win)
+    ok = meets(cand["miou"], cand["mean_gmacs"], (cand["miou"] - ref["miou"][0]) * 100,
+               {dev: cand[f"lat_{dev}"] for dev in prep.devices}, **spec_constraints(spec))
+    sel = win[(rows["kind"][win] != KIND_REFERENCE) & ok]
+    if spec.has_constraints and len(sel) == 0:
+        near = rows_to_frame(prep, take_rows(rows, win), ref)
+        near = near.assign(_v=violation(near, **spec_constraints(spec))).sort_values(["_v", "mean_gmacs"]).drop(columns="_v").head(5)
+        shown = ["config_id", "n_exits", "miou", "miou_delta_pp", "mean_gmacs"] + [c for c in near if c.startswith("latency_ms_")]
+        raise MessError("no configuration meets the constraints "
+                        f"(max_gmacs={spec.max_gmacs}, max_latency_ms={spec.max_latency_ms or None}, "
+                        f"min_miou={spec.min_miou}, max_miou_drop_pp={spec.max_miou_drop_pp}); nearest rows of the "
+                        f"unconstrained front:\n{near[shown].to_string(index=False)}")
+    df = rows_to_frame(prep, take_rows(rows, np.concatenate([[0], sel]).astype(np.int64)), ref)
+    df = df.sort_values(["mean_gmacs", "miou", "n_exits", "config_id"], ascending=[True, False, True, True])
+    return df.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------ pareto.parquet
+
+def front_schema(latency_devices=()) -> pa.Schema:
+    """The pareto.parquet schema: DESIGN.md's columns plus `kind` and one latency column per device."""
+    fields = [
+        ("config_id", pa.string()), ("kind", pa.string()), ("n_exits", pa.int64()),
+        ("positions", pa.list_(pa.string())), ("heads", pa.list_(pa.string())),
+        ("thresholds", pa.list_(pa.float64())), ("miou", pa.float64()), ("pixel_acc", pa.float64()),
+        ("mean_gmacs", pa.float64()), ("exit_rates", pa.list_(pa.float64())), ("speedup", pa.float64()),
+        ("miou_delta_pp", pa.float64()), ("is_reference", pa.bool_()),
+    ]
+    fields += [(f"latency_ms_{d}", pa.float64()) for d in latency_devices]
+    return pa.schema(fields)
+
+
+def latency_devices_of(df: pd.DataFrame) -> list[str]:
+    """Device names of the latency_ms_<device> columns of a front."""
+    return [c[len("latency_ms_"):] for c in df.columns if c.startswith("latency_ms_")]
+
+
+def write_front(df: pd.DataFrame, path, metadata: dict) -> None:
+    """Write the front to Parquet atomically, with string key-value metadata (schema_version added when absent)."""
+    missing = [c for c in BASE_COLUMNS if c not in df.columns]
+    if missing:
+        raise MessError(f"front is missing columns {missing}; pareto.parquet needs {BASE_COLUMNS}")
+    schema = front_schema(latency_devices_of(df))
+    table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+    meta = {"schema_version": SCHEMA_VERSION}
+    meta.update({str(k): "" if v is None else str(v) for k, v in metadata.items()})
+    kv = dict(table.schema.metadata or {})
+    kv.update({k.encode(): v.encode() for k, v in meta.items()})
+    table = table.replace_schema_metadata(kv)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_front(path) -> tuple[pd.DataFrame, dict]:
+    """Read pareto.parquet: the DataFrame and its key-value metadata (str -> str, pandas' own entry left out)."""
+    table = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    return table.to_pandas(), meta
+
+
+# -------------------------------------------------------------------------------------- pandas helpers
 
 def _latency_column(df: pd.DataFrame, device: str) -> str:
     col = f"latency_ms_{device}"
@@ -18,19 +182,13 @@ def _latency_column(df: pd.DataFrame, device: str) -> str:
 def filter_front(df: pd.DataFrame, max_gmacs=None, max_latency_ms=None, min_miou=None, max_miou_drop_pp=None,
                  include_reference: bool = False) -> pd.DataFrame:
     """Rows meeting every given constraint; max_latency_ms is (device, ms) or {device: ms}."""
-    ok = pd.Series(True, index=df.index)
-    if max_gmacs is not None:
-        ok &= df["mean_gmacs"] <= max_gmacs
+    budget = {}
     if max_latency_ms is not None:
-        items = max_latency_ms.items() if isinstance(max_latency_ms, dict) else [tuple(max_latency_ms)]
-        for device, ms in items:
-            ok &= df[_latency_column(df, device)] <= ms
-    if min_miou is not None:
-        ok &= df["miou"] >= min_miou
-    if max_miou_drop_pp is not None:
-        ok &= df["miou_delta_pp"] >= -max_miou_drop_pp
+        budget = dict(max_latency_ms) if isinstance(max_latency_ms, dict) else dict([tuple(max_latency_ms)])
+    latency = {device: df[_latency_column(df, device)] for device in budget}
+    ok = meets(df["miou"], df["mean_gmacs"], df["miou_delta_pp"], latency, max_gmacs, budget, min_miou, max_miou_drop_pp)
     if not include_reference:
-        ok &= ~df["is_reference"]
+        ok &= ~df["is_reference"].to_numpy(dtype=bool)
     return df[ok]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .costs import mac_table
 from .model import feature_shapes
-from .space import builtin_spaces, count_configs, load_space
+from .config import count_configs
+from .space import builtin_spaces, load_space
 
 
 def space_info(path: str, input_size=None) -> dict:

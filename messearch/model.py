@@ -82,13 +82,3 @@ def feature_shapes(model_name: str, num_classes: int, input_size) -> dict[str, t
             x = u.module(x)
             out[u.name] = tuple(int(d) for d in x.shape[1:])
     return out
-
-
-def build_mess_network(space: Space, init_checkpoint: str | None = None) -> MESSNetwork:
-    """The MESS network of a space, optionally starting from local weights (any shape messearch.weights accepts)."""
-    net = MESSNetwork(space)
-    if init_checkpoint:
-        from .weights import load_init
-
-        load_init(net, init_checkpoint)
-    return net

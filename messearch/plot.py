@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .front import cheapest_within
-from .io import atomic_path
+from .front import cheapest_within, read_front
+from .files import atomic_path
 
 
 def _axes_columns(front: pd.DataFrame) -> list[tuple[str, str]]:
@@ -65,8 +65,6 @@ def plot_front(front: pd.DataFrame, out: str | Path, all_points: pd.DataFrame | 
 
 def plot_file(front_path: str | Path, out: str | Path) -> Path:
     """Plot a pareto.parquet file (with the evaluated points its --keep-all dataset holds, when present)."""
-    from .pareto import read_front
-
     front, meta = read_front(front_path)
     all_points = None
     keep = meta.get("keep_all_dir")

@@ -9,43 +9,22 @@ search predicts a configuration's latency exactly as it predicts its MACs.
 from __future__ import annotations
 
 import json
-import platform
 import sys
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
+from .checkpoint import load_checkpoint
 from .costs import CostTable
+from .devices import device_name, parse_device
 from .errors import MessError
-from .io import atomic_path, sha256_file
+from .files import atomic_path, sha256_file
 
 FORMAT = "messearch/profile-v1"
-
-
-def device_name(device: torch.device) -> str:
-    """A human name of the device: the GPU's model, or the CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MessError(f"--device {device!r}: allowed: cpu, cuda, cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise MessError(f"--device {device!r}: allowed: cpu, cuda, cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MessError(f"--device {device!r}: CUDA is not available on this machine")
-    return dev
 
 
 def _time(fn, min_run_time: float, threads: int) -> tuple[float, int]:
@@ -62,14 +41,7 @@ def profile_latency(checkpoint, device: str = "cpu", batch_size: int = 1, out=No
                     threads: int | None = None, progress: bool = True):
     """Time every backbone segment, candidate head and the final head of a MESS checkpoint on `device` at the
     space's input size; write the profile to `out` (Parquet, atomically) when given; return it as a DataFrame."""
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from tqdm import tqdm
-
-    from .checkpoint import load_checkpoint
-
-    dev = _device(device)
+    dev = parse_device(device)
     if batch_size < 1:
         raise MessError(f"--batch-size {batch_size}: must be >= 1")
     threads = int(threads or torch.get_num_threads())
@@ -117,7 +89,6 @@ def profile_latency(checkpoint, device: str = "cpu", batch_size: int = 1, out=No
 
 def read_profile(path) -> tuple[dict, "object"]:
     """A profile's metadata (str -> str) and rows (DataFrame); a clear error if the file is not a profile."""
-    import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)

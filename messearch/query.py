@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .config import exits_text
 from .errors import MessError
-from .front import filter_front
-from .pareto import read_front
+from .front import filter_front, read_front
 
 
 def query_front(path, max_gmacs=None, max_latency_ms=None, min_miou=None, max_miou_drop_pp=None,
@@ -28,7 +28,7 @@ def format_table(rows: pd.DataFrame) -> str:
     lat = [c for c in rows.columns if c.startswith("latency_ms_")]
     out = pd.DataFrame({
         "config_id": rows["config_id"],
-        "exits": [" > ".join(f"{p.removeprefix('backbone.')}/{h}@{t:g}" for p, h, t in zip(ps, hs, ts)) or "(original model)"
+        "exits": [exits_text(ps, hs, ts, sep=" > ", short=True, none="(original model)")
                   for ps, hs, ts in zip(rows["positions"], rows["heads"], rows["thresholds"])],
         "mIoU %": (rows["miou"] * 100).round(2),
         "d pp": rows["miou_delta_pp"].round(2),

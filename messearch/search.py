@@ -24,7 +24,8 @@ import numpy as np
 
 from . import stats
 
-from .cache import CacheArrays
+from .cache_format import CacheArrays
+from .config import KIND_CASCADE, KIND_REFERENCE, KIND_STATIC, count_configs
 from .errors import MessError
 from .pareto import nondominated_mask
 
@@ -35,8 +36,6 @@ if TYPE_CHECKING:  # the cost model imports torchvision; trials only need the ta
 # larger for per-exit thresholds so that each product has enough rows. Columns of one product: ~COLUMN_ELEMS.
 BLOCK_ELEMS = {True: 2_000_000, False: 8_000_000}
 COLUMN_ELEMS = 8192
-KIND_REFERENCE, KIND_CASCADE, KIND_STATIC = 0, 1, 2
-KIND_NAMES = {KIND_REFERENCE: "reference", KIND_CASCADE: "cascade", KIND_STATIC: "static"}
 # Rate the size estimate assumes (configurations per second per core), measured on the reference space.
 ASSUMED_RATE_PER_CORE = 1_000_000
 
@@ -81,11 +80,8 @@ class SearchSpec:
 
     def n_configs(self) -> int:
         """Configurations in the space, the reference row excluded."""
-        p, h, t = len(self.positions), len(self.heads), len(self.thresholds)
-        total = 0
-        for k in range(1, int(self.max_exits) + 1):
-            total += math.comb(p, k) * h ** k * (t if self.thresholds_mode == "shared" else t ** k)
-        return total + (p * h if self.mode == "single" else 0)
+        return count_configs(len(self.positions), len(self.heads), len(self.thresholds), int(self.max_exits),
+                             self.thresholds_mode, self.mode, reference=False)
 
 
 @dataclass

@@ -278,16 +278,3 @@ def load_space(name_or_path: str | Path) -> Space:
     except (OSError, UnicodeDecodeError) as e:
         raise SpaceError(f"{path}: cannot read the space file ({e})") from None
     return space_from_text(text, str(path))
-
-
-def count_configs(n_positions: int, n_heads: int, n_thresholds: int, max_exits: int,
-                  thresholds_mode: str = "shared", mode: str = "cascade") -> int:
-    """Configurations the search evaluates: cascades of 1..max_exits exits, the static truncations in
-    'single' mode, and the reference."""
-    total = 1
-    for k in range(1, min(max_exits, n_positions) + 1):
-        t = n_thresholds if thresholds_mode == "shared" else n_thresholds ** k
-        total += math.comb(n_positions, k) * n_heads ** k * t
-    if mode == "single":
-        total += n_positions * n_heads
-    return total

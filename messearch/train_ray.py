@@ -1,5 +1,5 @@
 """Data-parallel MESS training with Ray Train: a TorchTrainer (DDP) whose workers each run the same
-`run_plan` loop as the single-process path, on their shard of every epoch.
+`train_loop.run_plan` loop as the single-process path, on their shard of every epoch.
 
 One worker per GPU (`use_gpu` when CUDA is present). On a CPU-only machine each worker takes one CPU
 slot and DDP runs over gloo: the same code path, useful for tests and for CPU clusters. Rank 0 writes
@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 
 from .errors import MessError
+from .ray_runtime import connect
+from .train_loop import Plan, run_plan
+from .train_stages import Runtime
 
 
 def _worker(config: dict) -> None:
     """train_loop_per_worker: rebuild the Plan and run it with Ray Train's model and loader wrappers."""
     import ray.train
     import ray.train.torch
-
-    from .train import Plan, run_plan
-    from .train_stages import Runtime
 
     plan = Plan(**config["plan"])
     ctx = ray.train.get_context()
@@ -39,8 +39,6 @@ def run_ray(plan, workers: int, address: str | None = None) -> Path:
     """Train `plan` on `workers` Ray Train workers (GPUs if this machine or cluster has them, else CPU slots)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from .ray_runtime import connect
 
     ray = connect(address)
     use_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU", 0))

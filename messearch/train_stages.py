@@ -201,7 +201,7 @@ def train_epoch(module: nn.Module, kind: str, loader, optimizer, scheduler, weig
 
 
 @torch.no_grad()
-def evaluate(net: MESSNetwork, loader, rt: Runtime, heads: bool = True, aux: nn.ModuleList | None = None,
+def validate_exits(net: MESSNetwork, loader, rt: Runtime, heads: bool = True, aux: nn.ModuleList | None = None,
              max_steps: int | None = None) -> dict[str, float]:
     """Validation mIoU of the final head ('final'), of every candidate exit ('position/head') when `heads`,
     and of the auxiliary exits ('aux:position') when given; counts summed over the split (messearch.stats)."""

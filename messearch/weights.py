@@ -21,8 +21,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .backbones import MODELS, build_torchvision_model
+from .checkpoint import FORMAT
 from .errors import MessError
-from .io import load_weights_only, sha256_file
+from .files import load_weights_only, sha256_file
+from .model import MESSNetwork
+from .space import Space, space_from_text
 
 # Classification layer and backbone-key prefix of each ImageNet classifier a segmentation backbone comes from.
 CLASSIFIERS = {"resnet18": ("fc.", ""), "resnet34": ("fc.", ""), "resnet50": ("fc.", ""),
@@ -81,8 +85,6 @@ def backbone_arch(model_name: str) -> str:
 
 def last_layer_keys(model_name: str) -> list[str]:
     """Keys of the final head's last classifier layer(s): the tensors whose first dimension is the class count."""
-    from .backbones import build_torchvision_model
-
     with torch.device("meta"):
         a, b = (build_torchvision_model(model_name, n).state_dict() for n in (3, 5))
     return [k for k in a if a[k].shape != b[k].shape]
@@ -127,8 +129,6 @@ def load_init(net: nn.Module, path: str) -> InitReport:
     """Load `path` into a MESSNetwork's base (backbone + final head) and return what was loaded and left.
 
     MessError (naming the file, what it looks like and what is accepted) for anything that does not fit."""
-    from .checkpoint import FORMAT
-
     payload = _read(path)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         report = _load_mess(net, payload, path)
@@ -141,8 +141,6 @@ def load_init(net: nn.Module, path: str) -> InitReport:
 
 
 def _load_mess(net: nn.Module, payload: dict, path: str) -> InitReport:
-    from .space import space_from_text
-
     other = space_from_text(payload["space_text"], f"{path}:space")
     space = net.space
     if (other.model, other.num_classes) != (space.model, space.num_classes):
@@ -218,8 +216,6 @@ def _known_shapes() -> dict[str, dict]:
     left out) and the ImageNet classifiers; built on the meta device (no memory, no download)."""
     import torchvision
 
-    from .backbones import MODELS, build_torchvision_model
-
     out = {}
     with torch.device("meta"):
         for name in MODELS:
@@ -251,3 +247,11 @@ def _diagnose(own: dict, state: dict, model_name: str, num_classes: int, path: s
             f"look like {looks}; {n_bb}/{len(backbone)} match the backbone and {n_head}/{len(head)} the final head "
             f"as a segmentation state dict, {n_cls}/{len(backbone)} the backbone as an ImageNet {arch} "
             f"classification state dict; {ACCEPTED}")
+
+
+def build_mess_network(space: Space, init_checkpoint: str | None = None) -> MESSNetwork:
+    """The MESS network of a space, optionally starting from local weights (any shape messearch.weights accepts)."""
+    net = MESSNetwork(space)
+    if init_checkpoint:
+        load_init(net, init_checkpoint)
+    return net

@@ -43,7 +43,7 @@ def make_checkpoint(out: Path) -> Path:
     import torch
 
     from messearch.checkpoint import save_checkpoint
-    from messearch.model import build_mess_network
+    from messearch.weights import build_mess_network
     from messearch.space import space_from_text
 
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def fronts_equal(paths: list[Path]) -> tuple[bool, str]:
     """Whether every front file holds the same rows (exact, every column)."""
     import pandas.testing as pdt
 
-    from messearch.pareto import read_front
+    from messearch.front import read_front
 
     ref = read_front(paths[0])[0]
     for p in paths[1:]:
@@ -105,8 +105,9 @@ def main() -> int:
     import ray
     from ray.cluster_utils import Cluster
 
-    from messearch.cache import build_cache, load_cache
-    from messearch.pipeline import SearchOptions, search_to_front
+    from messearch.cache import build_cache
+    from messearch.cache_format import load_cache
+    from messearch.search_driver import SearchOptions, search_to_front
 
     ckpt = make_checkpoint(out)
     result: dict = {"ok": False}
@@ -140,11 +141,11 @@ def main() -> int:
                                progress=False, on_shard=on_shard)
         cache_s = time.perf_counter() - t_cache
         cache = load_cache(out / "cache")
-        retried = sorted({r["shard"] for r in manifest["retries"]})
+        retried = sorted({r["shard"] for r in manifest.retries})
         if not removed:
             problems.append("no node was removed")
         if not retried:
-            problems.append(f"no shard was retried after the node removal (retries={manifest['retries']})")
+            problems.append(f"no shard was retried after the node removal (retries={manifest.retries})")
 
         # --- single-node reference: the same statistics without Ray
         rows, ids = single_node_reference(ckpt)
@@ -174,11 +175,11 @@ def main() -> int:
         equal, why = fronts_equal(paths) if proc.returncode == 0 else (False, "run.py failed")
         if not equal:
             problems.append(why)
-        from messearch.pareto import read_front
+        from messearch.front import read_front
 
-        result.update(images=cache.n_images, retried_shards=len(retried), retries=manifest["retries"],
+        result.update(images=cache.n_images, retried_shards=len(retried), retries=manifest.retries,
                       node_removed_at_s=removed.get("at_s"), node_removed_after_shard=removed.get("after_shard"),
-                      node_found=removed.get("node_found"), workers=len({(w["host"], w["pid"]) for w in manifest["workers"]}),
+                      node_found=removed.get("node_found"), workers=len({(w["host"], w["pid"]) for w in manifest.workers}),
                       cache_s=round(cache_s, 2), search_s=round(search_s, 2), run_py_s=round(run_s, 2),
                       front_rows=len(read_front(paths[0])[0]), fronts_equal=equal, cache_equal_single_node=cache_equal)
     except Exception as e:   # report, do not hide: the JSON line says what broke

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from messearch import stats
-from messearch.cache import build_cache, cache_batch, exits_statistics, load_cache, load_confusion
+from messearch.cache import build_cache, cache_batch
+from messearch.cache_format import load_cache, load_confusion
 from messearch.checkpoint import load_checkpoint, save_checkpoint
 from messearch.cli import main
 from messearch.data import build_dataset
 from messearch.errors import MessError
-from messearch.io import sha256_file
-from messearch.model import build_mess_network
+from messearch.files import sha256_file
+from messearch.weights import build_mess_network
 from messearch.space import space_from_text
 
 DATA = "synthetic:0:8"
@@ -114,7 +115,7 @@ def test_counts_equal_direct_logits(clean, direct):
     rows, space = direct
     assert cache.image_ids == [r[0] for r in rows]
     assert cache.tp.shape == (8, 7, 4) and cache.n_above.shape == (8, 7, 11) and cache.tp.dtype == np.int64
-    assert cache.exit_index("backbone.layer2.1", "c1") == 3 and manifest["exits"][3] == ["backbone.layer2.1", "c1"]
+    assert cache.exit_index("backbone.layer2.1", "c1") == 3 and manifest.exits[3] == ["backbone.layer2.1", "c1"]
     for i, (_, per_exit) in enumerate(rows):
         for e, d in enumerate(per_exit):
             assert cache.tp[i, e].tolist() == d["tp"] and cache.pred[i, e].tolist() == d["pred"]
@@ -152,30 +153,6 @@ def test_confusion_matches_counts(clean):
     np.testing.assert_array_equal(conf.sum(axis=3), cache.gt[:, None, :].repeat(7, axis=1))
 
 
-def test_fused_statistics_bit_identical_to_per_exit():
-    g = torch.Generator().manual_seed(1)
-    logits = [torch.randn(3, 5, 17, 13, generator=g) * s for s in (0.5, 2.0, 8.0, 30.0)]
-    logits.append(torch.randint(-1, 2, (3, 5, 17, 13), generator=g).float())   # ties: the first maximum wins
-    logits.append(torch.full((3, 5, 17, 13), 3.0))                               # top-1 exactly 1/C (= bin edge 0.2)
-    mask = torch.randint(0, 5, (3, 17, 13), generator=g)
-    mask[:, :2] = 255
-    fused = exits_statistics(logits, mask, 5, 255, 20, fused=True, keep_confusion=True)
-    plain = exits_statistics(logits, mask, 5, 255, 20, fused=False, keep_confusion=True)
-    for k in plain:
-        assert torch.equal(fused[k], plain[k]), k
-    for e, x in enumerate(logits):
-        ref = stats.exit_statistics(x, mask, 5, 255, 20)
-        for k in ("tp", "pred", "conf_mean", "n_above"):
-            assert torch.equal(fused[k][:, e], ref[k]), k
-        assert torch.equal(fused["gt"], ref["gt"])
-    with pytest.raises(ValueError, match="label values"):
-        exits_statistics(logits, mask.clamp(max=6) + 1, 5, 255, 20)
-    small = [x[:, :, :3, :4] for x in logits]   # C*C > pixels: the stats.class_counts branch
-    fused = exits_statistics(small, mask[:, :3, :4], 5, 255, 20, keep_confusion=True)
-    plain = exits_statistics(small, mask[:, :3, :4], 5, 255, 20, fused=False, keep_confusion=True)
-    assert all(torch.equal(fused[k], plain[k]) for k in plain)
-
-
 def test_larger_batches_differ_from_batch_one_by_few_pixels(ckpt, one_thread):
     """Batch 1 defines fidelity; batch 4 may round convolutions differently. Report how many counts move."""
     net, space, _ = load_checkpoint(ckpt)
@@ -209,16 +186,16 @@ def test_killed_actor_shard_is_redone_once(ckpt, clean, tmp_path):
     out = tmp_path / "killed"
     manifest = build_cache(ckpt, DATA, "val", out, actors=2, shard_size=1, keep_confusion=True, progress=False,
                            on_shard=kill_all)
-    assert killed and manifest["retries"], (killed, manifest["retries"])
-    print(f"killed {killed} (pid, busy); retried shards {[r['shard'] for r in manifest['retries']]}")
-    assert all("Actor" in r["error"] for r in manifest["retries"])
+    assert killed and manifest.retries, (killed, manifest.retries)
+    print(f"killed {killed} (pid, busy); retried shards {[r['shard'] for r in manifest.retries]}")
+    assert all("Actor" in r["error"] for r in manifest.retries)
     cache = load_cache(out)
     assert len(cache.image_ids) == 8 and len(set(cache.image_ids)) == 8   # every image exactly once
-    assert manifest["image_ids"] == clean[1]["image_ids"]
+    assert manifest.image_ids == clean[1].image_ids
     _same(cache, load_cache(clean[0]))
     np.testing.assert_array_equal(load_confusion(out), load_confusion(clean[0]))
-    assert manifest["cache_sha256"] == clean[1]["cache_sha256"]
-    assert len({w["pid"] for w in manifest["workers"]}) >= 2
+    assert manifest.cache_sha256 == clean[1].cache_sha256
+    assert len({w["pid"] for w in manifest.workers}) >= 2
 
 
 def test_resume_recomputes_corrupt_and_missing_shards(ckpt, clean, tmp_path):
@@ -245,7 +222,7 @@ def test_resume_recomputes_corrupt_and_missing_shards(ckpt, clean, tmp_path):
     _same(load_cache(out), load_cache(clean[0]))
     again = build_cache(ckpt, DATA, "val", out, actors=2, shard_size=1, keep_confusion=True, resume=True,
                         progress=False)
-    assert again["recomputed"] == [] and again["cache_sha256"] == clean[1]["cache_sha256"]
+    assert again["recomputed"] == [] and again["cache_sha256"] == clean[1].cache_sha256
 
 
 def test_cache_of_another_checkpoint_or_space_is_refused(clean, tmp_path):
@@ -260,9 +237,9 @@ def test_cache_of_another_checkpoint_or_space_is_refused(clean, tmp_path):
     with pytest.raises(MessError, match="batch_size"):
         build_cache(clean[1]["checkpoint"], DATA, "val", out, batch_size=2, shard_size=1, keep_confusion=True,
                     resume=True, progress=False)
-    ok = load_cache(out, expect_checkpoint_sha256=manifest["checkpoint_sha256"], expect_space_text=manifest["space_text"])
-    assert ok.meta["checkpoint_sha256"] == sha256_file(manifest["checkpoint"]) and ok.meta["n_bins"] == 10
-    assert ok.meta["cache_sha256"] == manifest["cache_sha256"] and ok.meta["data"] == DATA
+    ok = load_cache(out, expect_checkpoint_sha256=manifest.checkpoint_sha256, expect_space_text=manifest.space_text)
+    assert ok.meta["checkpoint_sha256"] == sha256_file(manifest.checkpoint) and ok.meta["n_bins"] == 10
+    assert ok.meta["cache_sha256"] == manifest.cache_sha256 and ok.meta["data"] == DATA
 
 
 def test_cli_cache(clean, tmp_path, capsys):
@@ -272,6 +249,6 @@ def test_cli_cache(clean, tmp_path, capsys):
     assert main(["cache", "--checkpoint", ckpt, "--data", DATA, "--out", str(out), "--shard-size", "1",
                  "--keep-confusion", "--resume", "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "8 images" in text and "7 exits" in text and clean[1]["cache_sha256"][:12] in text
+    assert "8 images" in text and "7 exits" in text and clean[1].cache_sha256[:12] in text
     assert main(["cache", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

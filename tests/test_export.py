@@ -17,14 +17,20 @@ import pytest
 import torch
 
 from messearch import stats
-from messearch.cache import CacheArrays
+from messearch.cache import build_cache
+from messearch.cache_format import CacheArrays, load_cache
 from messearch.checkpoint import load_checkpoint, save_checkpoint
 from messearch.costs import mac_table
 from messearch.data import build_dataset
 from messearch.errors import MessError
 from messearch.evaluate import evaluate
-from messearch.export import Config, export_config, export_model, load_exported, save_exported
-from messearch.model import build_mess_network
+from messearch.config import Config
+from messearch.export import export_config, export_model, load_exported, save_exported
+from messearch.files import sha256_file
+from messearch.front import write_front
+from messearch.search import SearchSpec
+from messearch.search_driver import evaluate_configs, search_local
+from messearch.weights import build_mess_network
 from messearch.space import space_from_text
 
 DATA = "synthetic:0:8"
@@ -266,8 +272,6 @@ def test_reference_from_checkpoint(run):
 
 def _front(run, tmp_path, sha=None):
     """A pareto.parquet holding the rows of _configs with their predicted figures (the search's columns)."""
-    from messearch.io import sha256_file
-    from messearch.pareto import write_front
     import pandas as pd
 
     space, recs = run["space"], []
@@ -324,39 +328,30 @@ def test_cli_export_evaluate_and_bad_inputs(run, tmp_path, capsys):
 
 
 def _real_cache(run, tmp_path, request):
-    """The cache module's cache of the split at batch 1 when messearch.cache can build one, else the direct one."""
-    import messearch.cache as cache_mod
-
-    if not hasattr(cache_mod, "build_cache"):
-        return run["cache"], False
+    """The cache of the split at batch 1, built by the cache's Ray actors."""
     request.getfixturevalue("ray_local")
-    cache_mod.build_cache(run["ckpt"], DATA, "val", str(tmp_path / "cache"), batch_size=1)
-    return cache_mod.load_cache(str(tmp_path / "cache")), True
+    build_cache(run["ckpt"], DATA, "val", str(tmp_path / "cache"), batch_size=1)
+    return load_cache(str(tmp_path / "cache"))
 
 
 def test_chain_cache_search_front_export_evaluate(run, tmp_path, request):
     """cache -> search -> pareto.parquet -> export -> evaluate: every figure of every exported row equals its row's."""
-    search = pytest.importorskip("messearch.search")
-    tune_search = pytest.importorskip("messearch.tune_search")
-    from messearch.io import sha256_file
-    from messearch.pareto import write_front
-
     space = run["space"]
-    cache, real = _real_cache(run, tmp_path, request)
-    if real:  # the cache's integers and confidences are the ones computed here from each exit's logits at batch 1
-        d = run["cache"]
-        assert cache.image_ids == d.image_ids
-        for key in ("tp", "pred", "gt", "conf_mean", "n_above"):
-            assert np.array_equal(getattr(cache, key), getattr(d, key)), key
+    cache = _real_cache(run, tmp_path, request)
+    # the cache's integers and confidences are the ones computed here from each exit's logits at batch 1
+    d = run["cache"]
+    assert cache.image_ids == d.image_ids
+    for key in ("tp", "pred", "gt", "conf_mean", "n_above"):
+        assert np.array_equal(getattr(cache, key), getattr(d, key)), key
     conf = cache.conf_mean[:, :-1]
     thresholds = tuple(sorted({float(np.quantile(conf, q, method="lower")) for q in (0.3, 0.5, 0.7)}))
     meta = {"checkpoint_sha256": sha256_file(run["ckpt"]), "space_text": space.text}
     rows = []
     for mode in ("shared", "per-exit"):
-        spec = search.SearchSpec(positions=list(space.positions), heads=space.head_names, thresholds=thresholds,
+        spec = SearchSpec(positions=list(space.positions), heads=space.head_names, thresholds=thresholds,
                                  max_exits=3, thresholds_mode=mode, mode="single", policy_kind="mean")
-        front = tune_search.search_local(cache, spec, run["macs"])
-        every = tune_search.evaluate_configs(cache, spec, run["macs"])
+        front = search_local(cache, spec, run["macs"])
+        every = evaluate_configs(cache, spec, run["macs"])
         # the search's own front, plus rows of every kind and exit count picked from all configurations
         ks = (1, 2, 3) if mode == "shared" else (2, 3)
         picks = [every[(every["n_exits"] == k) & (every["kind"] == "cascade")].sample(1, random_state=k) for k in ks]

@@ -14,8 +14,9 @@ from messearch.cli import main
 from messearch.backbones import MODELS, PUBLISHED_WEIGHTS, build_torchvision_model, candidate_positions
 from messearch.costs import mac_table, model_macs, unit_macs
 from messearch.errors import MessError, SpaceError
-from messearch.model import build_mess_network
-from messearch.space import count_configs, load_space, space_from_text
+from messearch.weights import build_mess_network
+from messearch.config import count_configs
+from messearch.space import load_space, space_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "messearch" / "spaces").glob("*.yaml"))

@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from messearch.errors import MessError
 from messearch.front import best_under, cheapest_within, filter_front, speedup_at_equal_accuracy, summary_line
-from messearch.pareto import config_id, nondominated_mask, pareto_select, read_front, write_front
+from messearch.config import config_id
+from messearch.front import read_front, write_front
+from messearch.pareto import nondominated_mask, pareto_select
 
 
 def plain_nondominated(obj):

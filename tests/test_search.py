@@ -12,12 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from messearch import search, stats
-from messearch.cache import CacheArrays
+from messearch.cache_format import CacheArrays
 from messearch.errors import MessError
-from messearch.pareto import config_id, read_front, write_front
+from messearch.config import config_id
+from messearch.front import read_front, write_front
 from messearch.costs import CostTable as Costs
 from messearch.search import SearchSpec
-from messearch.tune_search import evaluate_configs, run_search, search_local
+from messearch.search_driver import evaluate_configs, run_search, search_local
 
 N_BINS = 4
 

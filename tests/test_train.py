@@ -121,7 +121,7 @@ def test_training_learns(two_stage):
     import csv
 
     from messearch.data import build_dataset
-    from messearch.train_stages import Runtime, evaluate
+    from messearch.train_stages import Runtime, validate_exits
 
     rows = list(csv.DictReader(open(two_stage / "train_log.csv")))
     losses = [float(r["loss"]) for r in rows if r["stage"] == "2"]
@@ -131,7 +131,7 @@ def test_training_learns(two_stage):
     torch.manual_seed(space.train.seed)
     untrained = MESSNetwork(space)
     val = torch.utils.data.Subset(build_dataset(DATA, "val", space.input_size, num_classes=4), range(8))
-    floor = evaluate(untrained, torch.utils.data.DataLoader(val, batch_size=4), Runtime(progress=False))
+    floor = validate_exits(untrained, torch.utils.data.DataLoader(val, batch_size=4), Runtime(progress=False))
     miou = torch.load(two_stage / "mess.pt", weights_only=True)["exit_miou"]
     # A 32x32 input and 8 stage-1 steps learn little beyond the background: assert a clear gain, not a level.
     assert miou["final"] > floor["final"] + 0.02, (miou, floor)

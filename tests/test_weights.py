@@ -155,7 +155,7 @@ def test_train_says_what_it_loaded_and_records_it(tmp_path, capsys):
     assert "classification weights of resnet18" in out and "skipped fc.weight, fc.bias" in out
     assert "newly initialised: 44 tensors (classifier.*)" in out
     init = torch.load(tmp_path / "o" / "mess.pt", weights_only=True)["extra"]["init"]
-    from messearch.io import sha256_file
+    from messearch.files import sha256_file
 
     assert init["kind"] == "classification" and init["sha256"] == sha256_file(tmp_path / "resnet18.pth")
     assert set(init["skipped"]) == {"fc.weight", "fc.bias"} and len(init["loaded"]) == 120

@@ -1,26 +1,37 @@
-"""Drivers of the search: Ray Tune over coarse shards (run_search) or the same shards in-process (search_local),
-then the global merge into the Pareto front DataFrame of DESIGN.md."""
+"""Running the search: the shard plan, the in-process driver (search_local) and the Ray Tune driver (run_search)
+over the same shards, and the entry point `search_to_front` (a cache folder in, pareto.parquet out).
+
+The evaluator is `search`; merging the shards' candidates into the front and writing it is `front`.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
 
-from .cache import CacheArrays
+from .cache_format import CacheArrays, load_cache
+from .config import tree_size
+from .costs import mac_table
 from .errors import MessError
-from .pareto import config_id, pareto_select
-from .search import (ASSUMED_RATE_PER_CORE, KIND_NAMES, KIND_REFERENCE, KIND_STATIC, FrontSink, Prepared,
-                     SearchSpec, block_rows, concat_rows, evaluate_items, objectives, prepare, reference_rows,
-                     take_rows)
+from .front import finish_front, rows_to_frame, write_front
+from .profile import load_profile
+from .ray_runtime import connect
+from .search import (ASSUMED_RATE_PER_CORE, FrontSink, Prepared, SearchSpec, block_rows, concat_rows, evaluate_items,
+                     prepare, reference_rows)
+from .space import load_space, space_from_text
 
 
 # ------------------------------------------------------------------------------------------ size and shards
@@ -28,12 +39,11 @@ from .search import (ASSUMED_RATE_PER_CORE, KIND_NAMES, KIND_REFERENCE, KIND_STA
 def plan_items(spec: SearchSpec) -> list[tuple]:
     """Work items with their size: ("tree", t_root, first_position, n_configs), plus ("static", n) in single mode."""
     p, h, t, k = len(spec.positions), len(spec.heads), len(spec.thresholds), int(spec.max_exits)
-    per_t = 1 if spec.thresholds_mode == "shared" else t
+    shared = spec.thresholds_mode == "shared"
     items = []
     for t_root in range(t):
         for p1 in range(p):
-            size = h * sum(math.comb(p - 1 - p1, j) * (h * per_t) ** j for j in range(k))
-            items.append(("tree", t_root, p1, size))
+            items.append(("tree", t_root, p1, tree_size(p - 1 - p1, h, t, k, shared)))
     if spec.mode == "single":
         items.append(("static", p * h))
     return items
@@ -84,101 +94,10 @@ def check_size(spec: SearchSpec, n_images: int, n_classes: int, cores: int, forc
 
 
 
-# ------------------------------------------------------------------------------------------ rows -> frame
-
-def _row_parts(prep: Prepared, rows: dict, i: int):
-    k, kind = int(rows["n_exits"][i]), int(rows["kind"][i])
-    h = len(prep.heads)
-    ex = rows["exits"][i, :k]
-    positions = [prep.positions[e // h] for e in ex]
-    heads = [prep.heads[e % h] for e in ex]
-    if kind == KIND_STATIC:
-        thresholds = [0.0]
-    else:
-        thresholds = [float(prep.thresholds[t]) for t in rows["tidx"][i, :k]]
-    return KIND_NAMES[kind], positions, heads, thresholds
-
-
-def row_ids(prep: Prepared, rows: dict, idx) -> list[str]:
-    """config_id of the rows at idx."""
-    return [config_id(*_row_parts(prep, rows, int(i))) for i in idx]
-
-
-def rows_to_frame(prep: Prepared, rows: dict, ref: dict) -> pd.DataFrame:
-    """The DESIGN.md columns (plus kind and latency_ms_<device>) for rows, relative to the reference row `ref`."""
-    n = prep.n
-    recs = []
-    for i in range(len(rows["miou"])):
-        kind, positions, heads, thresholds = _row_parts(prep, rows, i)
-        k = len(positions)
-        rates = [int(x) / n for x in rows["n_at"][i, :k]] + [int(rows["n_final"][i]) / n]
-        recs.append((config_id(kind, positions, heads, thresholds), kind, k, positions, heads, thresholds, rates))
-    df = pd.DataFrame(recs, columns=["config_id", "kind", "n_exits", "positions", "heads", "thresholds", "exit_rates"])
-    df["miou"] = rows["miou"]
-    df["pixel_acc"] = rows["pixel_acc"]
-    df["mean_gmacs"] = rows["mean_gmacs"]
-    df["speedup"] = ref["macsum"][0] / rows["macsum"]
-    df["miou_delta_pp"] = (rows["miou"] - ref["miou"][0]) * 100
-    df["is_reference"] = rows["kind"] == KIND_REFERENCE
-    for dev in prep.devices:
-        df[f"latency_ms_{dev}"] = rows[f"lat_{dev}"]
-    cols = ["config_id", "kind", "n_exits", "positions", "heads", "thresholds", "miou", "pixel_acc", "mean_gmacs",
-            "exit_rates", "speedup", "miou_delta_pp", "is_reference"] + [f"latency_ms_{d}" for d in prep.devices]
-    return df[cols]
-
-
-def _feasible(rows: dict, spec: SearchSpec, ref_miou: float) -> np.ndarray:
-    ok = np.ones(len(rows["miou"]), dtype=bool)
-    if spec.max_gmacs is not None:
-        ok &= rows["mean_gmacs"] <= spec.max_gmacs
-    for dev, ms in (spec.max_latency_ms or {}).items():
-        ok &= rows[f"lat_{dev}"] <= ms
-    if spec.min_miou is not None:
-        ok &= rows["miou"] >= spec.min_miou
-    if spec.max_miou_drop_pp is not None:
-        ok &= (rows["miou"] - ref_miou) * 100 >= -spec.max_miou_drop_pp
-    return ok
-
-
-def _violation(df: pd.DataFrame, spec: SearchSpec) -> np.ndarray:
-    """Sum of relative constraint violations of each row (0 when feasible), to show the nearest rows."""
-    v = np.zeros(len(df))
-    if spec.max_gmacs is not None:
-        v += np.maximum(0, df["mean_gmacs"] - spec.max_gmacs) / max(spec.max_gmacs, 1e-12)
-    for dev, ms in (spec.max_latency_ms or {}).items():
-        v += np.maximum(0, df[f"latency_ms_{dev}"] - ms) / max(ms, 1e-12)
-    if spec.min_miou is not None:
-        v += np.maximum(0, spec.min_miou - df["miou"]) / max(spec.min_miou, 1e-12)
-    if spec.max_miou_drop_pp is not None:
-        v += np.maximum(0, -spec.max_miou_drop_pp - df["miou_delta_pp"]) / 100
-    return np.asarray(v)
-
-
-def finish_front(prep: Prepared, spec: SearchSpec, parts: list[dict]) -> pd.DataFrame:
-    """Merge shard candidates into the global front (deterministic ties), apply the constraints, add the reference."""
-    ref = reference_rows(prep)
-    rows = concat_rows([ref] + [p for p in parts if p and len(p["miou"])])
-    win = pareto_select(objectives(rows, prep.devices), rows["n_exits"], lambda idx: row_ids(prep, rows, idx))
-    sel = win[(rows["kind"][win] != KIND_REFERENCE) & _feasible(take_rows(rows, win), spec, ref["miou"][0])]
-    if spec.has_constraints and len(sel) == 0:
-        near = rows_to_frame(prep, take_rows(rows, win), ref)
-        near = near.assign(_v=_violation(near, spec)).sort_values(["_v", "mean_gmacs"]).drop(columns="_v").head(5)
-        shown = ["config_id", "n_exits", "miou", "miou_delta_pp", "mean_gmacs"] + [c for c in near if c.startswith("latency_ms_")]
-        raise MessError("no configuration meets the constraints "
-                        f"(max_gmacs={spec.max_gmacs}, max_latency_ms={spec.max_latency_ms or None}, "
-                        f"min_miou={spec.min_miou}, max_miou_drop_pp={spec.max_miou_drop_pp}); nearest rows of the "
-                        f"unconstrained front:\n{near[shown].to_string(index=False)}")
-    df = rows_to_frame(prep, take_rows(rows, np.concatenate([[0], sel]).astype(np.int64)), ref)
-    df = df.sort_values(["mean_gmacs", "miou", "n_exits", "config_id"], ascending=[True, False, True, True])
-    return df.reset_index(drop=True)
-
-
 # -------------------------------------------------------------------------------------------- in-process
 
 def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
     """A function writing rows to a Parquet dataset partitioned by n_exits (files named by shard)."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
     counter = [0]
     ref = reference_rows(prep)
 
@@ -242,10 +161,11 @@ def search_local(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, sha
 
 # ------------------------------------------------------------------------------------------------- Ray Tune
 
-def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, plan=None, keep_all_dir=None):
-    """One Tune trial: evaluate shard config["shard"], send its front candidates back in a checkpoint."""
+def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, keep_all_dir=None):
+    """One Tune trial: evaluate the work items of config["shard"] ({index, items}), send its front candidates back
+    in a checkpoint."""
     from ray import tune
-    shard = int(config["shard"])
+    shard, items = int(config["shard"]["index"]), [tuple(it) for it in config["shard"]["items"]]
     prep = prepare(cache, spec, macs, latencies)
     last = [0.0]
 
@@ -254,7 +174,7 @@ def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, plan=
             last[0] = time.monotonic()
             tune.report({"n_evaluated": sink.n_evaluated, "front_size": sink.size, "done": False})
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    rows, n = evaluate_shard(prep, plan[shard], keep_all_dir, f"shard{shard}", progress)
+    rows, n = evaluate_shard(prep, items, keep_all_dir, f"shard{shard}", progress)
     with tempfile.TemporaryDirectory() as d:
         np.savez(os.path.join(d, "rows.npz"), **(rows or {}))
         tune.report({"n_evaluated": n, "front_size": len(rows.get("miou", [])), "done": True,
@@ -297,7 +217,6 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     import ray
     from ray import tune
     t0 = time.perf_counter()
-    from .ray_runtime import connect
     connect(address)
     cores = int(ray.cluster_resources().get("CPU", 1))
     est = check_size(spec, cache.n_images, cache.gt.shape[1], cores, force)
@@ -313,8 +232,10 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     key_file = Path(storage_path) / f"{name}.plan"
     key = _plan_key(spec, n_shards, cache)
     trainable = tune.with_resources(
-        tune.with_parameters(_shard_trial, cache=cache, spec=spec, macs=macs, latencies=latencies, plan=plan,
+        tune.with_parameters(_shard_trial, cache=cache, spec=spec, macs=macs, latencies=latencies,
                              keep_all_dir=keep_all_dir), {"cpu": 1})
+    # Each trial's work items are in its config, so ResultGrid.get_dataframe() says what every trial did.
+    work = [{"index": i, "items": [list(it) for it in items]} for i, items in enumerate(plan)]
     if resume and tune.Tuner.can_restore(exp):
         if not key_file.exists() or key_file.read_text() != key:
             raise MessError(f"cannot resume {exp}: it was started with another space, cache or shard count")
@@ -323,7 +244,7 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
         Path(storage_path).mkdir(parents=True, exist_ok=True)
         key_file.write_text(key)
         tuner = tune.Tuner(
-            trainable, param_space={"shard": tune.grid_search(list(range(n_shards)))},
+            trainable, param_space={"shard": tune.grid_search(work)},
             tune_config=tune.TuneConfig(reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=2),
@@ -334,7 +255,7 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     parts, total, cpu_s, rss, eval_s = [], 0, 0.0, 0.0, []
     for result in grid:
         if result.checkpoint is None:
-            raise MessError(f"search shard {result.config.get('shard')} finished without its result")
+            raise MessError(f"search shard {result.config['shard']['index']} finished without its result")
         with result.checkpoint.as_directory() as d:
             with np.load(os.path.join(d, "rows.npz"), allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
@@ -347,4 +268,84 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     # shard_eval_s: each shard's evaluation wall time; trial_max_rss_mb: the largest trial process's peak memory
     df.attrs.update(n_evaluated=total, seconds=time.perf_counter() - t0, shard_cpu_s=cpu_s, shard_eval_s=eval_s,
                     trial_max_rss_mb=rss)
+    return df
+
+
+# ---------------------------------------------------------------------------------------- the entry point
+
+@dataclass
+class SearchOptions:
+    """What `messearch search` takes beyond the cache: the space's grid can be overridden, constraints added."""
+
+    max_exits: int | None = None
+    thresholds: str = "shared"
+    mode: str | None = None
+    profiles: list[str] = field(default_factory=list)
+    max_gmacs: float | None = None
+    max_latency_ms: dict[str, float] = field(default_factory=dict)
+    min_miou: float | None = None
+    max_miou_drop_pp: float | None = None
+    shards: int | None = None
+    keep_all: bool = False
+    resume: bool = False
+    force: bool = False
+    address: str | None = None
+    local: bool = False   # run the shards in this process, without Ray (machines without Ray)
+
+
+def search_spec_for(space, opts: SearchOptions):
+    """The SearchSpec of a space, with the options' overrides and constraints."""
+    return SearchSpec(positions=list(space.positions), heads=space.head_names, thresholds=tuple(space.thresholds),
+                      max_exits=opts.max_exits or space.max_exits, thresholds_mode=opts.thresholds,
+                      mode=opts.mode or space.mode, policy_kind=space.policy.kind,
+                      pixel_threshold_bin=space.policy.pixel_threshold_bin, max_gmacs=opts.max_gmacs,
+                      max_latency_ms=dict(opts.max_latency_ms), min_miou=opts.min_miou,
+                      max_miou_drop_pp=opts.max_miou_drop_pp)
+
+
+def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_path: str | None = None):
+    """Search every configuration over a cache and write the front to `out` (pareto.parquet); returns the DataFrame."""
+    opts = opts or SearchOptions()
+    cache = load_cache(cache_dir)
+    cached_space = space_from_text(cache.meta["space_text"],
+                                   cache.meta.get("space_source") or f"{cache_dir} (space of the cache)")
+    space = cached_space
+    if space_path:
+        space = load_space(space_path)
+        if (space.model, space.positions, space.head_names, space.num_classes) != (
+                cached_space.model, cached_space.positions, cached_space.head_names, cached_space.num_classes):
+            raise MessError(f"{space_path}: the space's model, positions, heads or classes differ from those the "
+                            f"cache {cache_dir} was built with; use the space of the checkpoint, or rebuild the cache")
+    latencies, device_names = {}, {}
+    for path in opts.profiles:
+        # The file's stem (profiles/<device>.parquet) names the column latency_ms_<device>: short and typeable.
+        device_name, table = load_profile(path)
+        key = Path(path).stem
+        if key in latencies:
+            raise MessError(f"{path}: two profiles named {key!r}; name each profile file after its device")
+        if table.positions != list(space.positions) or table.heads != space.head_names:
+            raise MessError(f"{path}: the profile's positions or heads differ from the cache's space")
+        latencies[key], device_names[key] = table, device_name
+    spec = search_spec_for(space, opts)
+    macs = mac_table(space)
+    keep_all_dir = Path(out).with_name(Path(out).stem + "_all") if opts.keep_all else None
+    t0 = time.perf_counter()
+    if opts.local:
+        df = search_local(cache, spec, macs, latencies, shards=opts.shards or 1, keep_all_dir=keep_all_dir)
+    else:
+        storage = Path(out).resolve().parent / "tune"
+        df = run_search(cache, spec, macs, latencies, shards=opts.shards, address=opts.address,
+                        keep_all_dir=keep_all_dir, resume=opts.resume, storage_path=str(storage), force=opts.force)
+    meta = {
+        "space_text": space.text, "space_source": space.source,
+        "checkpoint_sha256": cache.meta.get("checkpoint_sha256", ""), "cache_sha256": cache.meta.get("cache_sha256", ""),
+        "mode": spec.mode, "thresholds": spec.thresholds_mode, "max_exits": spec.max_exits,
+        "policy": json.dumps({"kind": space.policy.kind, "pixel_threshold": space.policy.pixel_threshold,
+                              "n_bins": space.policy.n_bins}),
+        "data": cache.meta.get("data", ""), "split": cache.meta.get("split", ""),
+        "n_images": cache.n_images, "n_evaluated": df.attrs.get("n_evaluated", ""),
+        "seconds": f"{df.attrs.get('seconds', time.perf_counter() - t0):.3f}",
+        "profiles": json.dumps(device_names), "keep_all_dir": str(keep_all_dir or ""),
+    }
+    write_front(df, out, meta)
     return df
