@@ -217,12 +217,12 @@ def test_resume_recomputes_corrupt_and_missing_shards(ckpt, clean, tmp_path):
         build_cache(ckpt, DATA, "val", out, actors=2, shard_size=1, keep_confusion=True, progress=False)
     resumed = build_cache(ckpt, DATA, "val", out, actors=1, shard_size=1, keep_confusion=True, resume=True,
                           progress=False)
-    assert resumed["recomputed"] == [1, 3]
-    assert sha256_file(shard1) == clean[1]["shards"][1]["sha256"]
+    assert resumed.recomputed == [1, 3]
+    assert sha256_file(shard1) == clean[1].shards[1]["sha256"]
     _same(load_cache(out), load_cache(clean[0]))
     again = build_cache(ckpt, DATA, "val", out, actors=2, shard_size=1, keep_confusion=True, resume=True,
                         progress=False)
-    assert again["recomputed"] == [] and again["cache_sha256"] == clean[1].cache_sha256
+    assert again.recomputed == [] and again.cache_sha256 == clean[1].cache_sha256
 
 
 def test_cache_of_another_checkpoint_or_space_is_refused(clean, tmp_path):
@@ -235,7 +235,7 @@ def test_cache_of_another_checkpoint_or_space_is_refused(clean, tmp_path):
     with pytest.raises(MessError, match="another search space"):
         load_cache(out, expect_space_text=SPACE.replace("c1", "c2"))
     with pytest.raises(MessError, match="batch_size"):
-        build_cache(clean[1]["checkpoint"], DATA, "val", out, batch_size=2, shard_size=1, keep_confusion=True,
+        build_cache(clean[1].checkpoint, DATA, "val", out, batch_size=2, shard_size=1, keep_confusion=True,
                     resume=True, progress=False)
     ok = load_cache(out, expect_checkpoint_sha256=manifest.checkpoint_sha256, expect_space_text=manifest.space_text)
     assert ok.meta["checkpoint_sha256"] == sha256_file(manifest.checkpoint) and ok.meta["n_bins"] == 10
@@ -245,7 +245,7 @@ def test_cache_of_another_checkpoint_or_space_is_refused(clean, tmp_path):
 def test_cli_cache(clean, tmp_path, capsys):
     out = tmp_path / "cli"
     shutil.copytree(clean[0], out)
-    ckpt = clean[1]["checkpoint"]
+    ckpt = clean[1].checkpoint
     assert main(["cache", "--checkpoint", ckpt, "--data", DATA, "--out", str(out), "--shard-size", "1",
                  "--keep-confusion", "--resume", "--quiet"]) == 0
     text = capsys.readouterr().out
