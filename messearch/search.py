@@ -1,4 +1,4 @@
-"""The exact, vectorised evaluator of early-exit configurations, and the shard plan the Ray Tune driver runs.
+"""The exact, vectorised evaluator of early-exit configurations (the drivers that run it are in search_driver).
 
 A cascade (e_1, t_1) .. (e_k, t_k) sends image i to the first exit whose confidence reaches its threshold.
 Its confusion counts are the final head's totals plus, for each exit j, the sum over the images that

@@ -236,7 +236,6 @@ def test_run_py_joins_the_cluster_and_forwards_to_the_cli(ray_head):
         assert name in res.stdout
 
 
-@pytest.mark.skipif(not QUICKSTART.exists(), reason="messearch/spaces/quickstart.yaml not written yet")
 def test_run_py_info_matches_the_cli(ray_head, capsys):
     from messearch import cli
 

@@ -43,10 +43,11 @@ def test_every_readme_command_parses(line):
 
 
 def test_quick_readme_commands_run(capsys):
-    for line in _messearch_lines():
-        if line.startswith("messearch info "):
-            assert main(shlex.split(line)[1:]) == 0
-            assert "configurations:" in capsys.readouterr().out
+    info = [line for line in _messearch_lines() if line.startswith("messearch info ")]
+    assert info, "the README shows no `messearch info` command"
+    for line in info:
+        assert main(shlex.split(line)[1:]) == 0
+        assert "configurations:" in capsys.readouterr().out
 
 
 def test_readme_pandas_snippet_runs_on_a_front(journey):

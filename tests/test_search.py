@@ -287,19 +287,23 @@ def test_ties_resolved_by_fewest_exits_then_config_id():
     assert cheapest["config_id"] == min(r["config_id"] for r in ties)
 
 
-def test_bad_input_is_named():
+BAD_SPECS = {
+    "unknown position": (lambda c: SearchSpec(["backbone.layer9.9"], c.heads, (0.5,)), "another space or checkpoint"),
+    "repeated threshold": (lambda c: SearchSpec(c.positions, c.heads, (0.5, 0.5)), "distinct"),
+    "too large": (lambda c: SearchSpec(c.positions, c.heads, tuple(np.linspace(0, 1, 200_000)), max_exits=2,
+                                       thresholds_mode="per-exit"), "--force"),
+    "latency without profile": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), max_latency_ms={"gpu": 1.0}),
+                                "without a profile"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_bad_input_is_named(case):
     cache = make_cache(0, 2, 1, 3, 2)
     macs = make_costs(0, cache.positions, cache.heads)
-    with pytest.raises(MessError, match="another space or checkpoint"):
-        search_local(cache, SearchSpec(["backbone.layer9.9"], cache.heads, (0.5,)), macs)
-    with pytest.raises(MessError, match="distinct"):
-        search_local(cache, SearchSpec(cache.positions, cache.heads, (0.5, 0.5)), macs)
-    with pytest.raises(MessError, match="--force"):
-        big = SearchSpec(cache.positions, cache.heads, tuple(np.linspace(0, 1, 200_000)), max_exits=2,
-                         thresholds_mode="per-exit")
-        search_local(cache, big, macs)
-    with pytest.raises(MessError, match="without a profile"):
-        search_local(cache, SearchSpec(cache.positions, cache.heads, (0.5,), max_latency_ms={"gpu": 1.0}), macs)
+    make_spec, named = BAD_SPECS[case]
+    with pytest.raises(MessError, match=named):
+        search_local(cache, make_spec(cache), macs)
 
 
 def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_path):

@@ -159,21 +159,35 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert a["exit_miou"] == b["exit_miou"]
 
 
-def test_errors_before_training(tmp_path):
-    space = tiny()
-    other = MESSNetwork(tiny(classes=5))
-    save_checkpoint(tmp_path / "mess5.pt", other, DATA)
-    with pytest.raises(MessError, match="5 classes"):
-        make_plan(space, tmp_path / "o", DATA, init_checkpoint=str(tmp_path / "mess5.pt"))
-    with pytest.raises(DataError, match="classes"):
-        make_plan(space, tmp_path / "o", "synthetic:classes=5")
-    with pytest.raises(MessError, match="does not exist"):
-        make_plan(space, tmp_path / "o", DATA, resume=True)
-    with pytest.raises(MessError, match="stage-1 checkpoint"):
-        make_plan(space, tmp_path / "o", DATA, stage="2")
-    torch.save(MESSNetwork(space).base.state_dict(), tmp_path / "tv4.pth")
-    with pytest.raises(MessError, match="no-stage1"):
-        make_plan(space, tmp_path / "o", DATA, stage="2", init_checkpoint=str(tmp_path / "tv4.pth"))
+def _init_checkpoint(tmp_path, what: str) -> str:
+    """A local init file: a torchvision state dict or a mess.pt, of the tiny space with 4 or 5 classes."""
+    net = MESSNetwork(tiny(classes=int(what[-1])))
+    path = tmp_path / f"{what}.{'pth' if what.startswith('tv') else 'pt'}"
+    if what.startswith("tv"):
+        torch.save(net.base.state_dict(), path)
+    else:
+        save_checkpoint(path, net, DATA)
+    return str(path)
+
+
+# case -> (make_plan arguments beyond the space and --out, an init file to make first or None, error, message)
+PLAN_ERRORS = {
+    "mess.pt of another class count": ({}, "mess5", MessError, "5 classes"),
+    "data of another class count": ({"data_spec": "synthetic:classes=5"}, None, DataError, "classes"),
+    "resume without a state": ({"resume": True}, None, MessError, "does not exist"),
+    "stage 2 without stage 1": ({"stage": "2"}, None, MessError, "stage-1 checkpoint"),
+    "stage 2 on the original model": ({"stage": "2"}, "tv4", MessError, "no-stage1"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAN_ERRORS))
+def test_errors_before_training(tmp_path, case):
+    kwargs, init, error, message = PLAN_ERRORS[case]
+    kwargs = {"data_spec": DATA, **kwargs}
+    if init is not None:
+        kwargs["init_checkpoint"] = _init_checkpoint(tmp_path, init)
+    with pytest.raises(error, match=message):
+        make_plan(tiny(), tmp_path / "o", **kwargs)
     assert not (tmp_path / "o").exists()
 
 
