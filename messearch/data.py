@@ -20,6 +20,7 @@ from pathlib import Path
 from .data_folder import FolderDataset
 from .data_formats import FORMATS
 from .data_synthetic import SyntheticDataset, parse_synthetic
+from .data_synthetic import class_names as synthetic_class_names
 from .dataset import SegDataset
 from .errors import DataError
 
@@ -40,6 +41,18 @@ def parse_spec(spec: str):
     if not sep or not arg.strip():
         raise DataError(f"data spec {spec!r}: {kind} needs a folder, as {kind}:PATH")
     return kind, Path(arg.strip()).expanduser()
+
+
+def class_names(spec: str, num_classes: int) -> list[str]:
+    """The class names of the data set `spec` names (read from no file); `class_k` where a format has none."""
+    try:
+        kind, arg = parse_spec(spec)
+    except DataError:
+        kind = None
+    if kind == "synthetic":
+        return synthetic_class_names(num_classes)
+    names = list(FORMATS[kind].CLASS_NAMES) if kind in FORMATS else []
+    return names if len(names) == num_classes else [f"class_{k}" for k in range(num_classes)]
 
 
 def _check_split(kind: str, split: str, allowed: tuple[str, ...]) -> None:
