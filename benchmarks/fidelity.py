@@ -82,7 +82,7 @@ def direct_cache(ckpt, data: str, split: str) -> CacheArrays:
 
 def build_run(out: Path, images: int, train: bool) -> None:
     """A quickstart-size run in `out`: mess.pt, pareto.parquet (and cache/ when messearch.cache builds one)."""
-    from messearch.search import SearchSpec
+    from messearch.search_spec import SearchSpec
     from messearch.search_driver import evaluate_configs, search_local
 
     out.mkdir(parents=True, exist_ok=True)

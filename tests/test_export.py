@@ -29,7 +29,7 @@ from messearch.config import Config
 from messearch.export import export_config, export_model, load_exported, save_exported
 from messearch.files import sha256_file
 from messearch.front import write_front
-from messearch.search import SearchSpec
+from messearch.search_spec import SearchSpec
 from messearch.search_driver import evaluate_configs, search_local
 from messearch.weights import build_mess_network
 from messearch.space import space_from_text
