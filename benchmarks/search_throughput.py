@@ -25,7 +25,7 @@ import numpy as np
 from messearch.cache_format import CacheArrays
 from messearch.front import write_front
 from messearch.costs import CostTable as Costs
-from messearch.search import SearchSpec
+from messearch.search_spec import SearchSpec
 from messearch.search_driver import run_search
 
 POSITIONS = [f"backbone.layer{l}.{b}" for l, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for b in range(n)]

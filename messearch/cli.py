@@ -106,14 +106,7 @@ def _run_export(args) -> int:
 
     model = build_export(args.checkpoint, args.front, args.config_id)
     path = save_exported(model, args.out, torchscript=args.torchscript)
-    from .config import Config
-
-    meta = model.meta
-    cfg, costs = meta["config"], meta["costs"]
-    exits = Config.from_dict(cfg).exits_text()
-    print(f"exported {args.config_id} ({cfg['kind']}; exits: {exits}; final head "
-          f"{'kept' if cfg['kind'] != 'static' else 'pruned'}) to {path}"
-          f"{' (TorchScript)' if args.torchscript else ''}; reference {costs['reference'] / 1e9:.3f} GMACs")
+    print(model.meta.format_summary(path, args.torchscript))
     return 0
 
 
@@ -133,11 +126,11 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from .evaluate import evaluate, format_result, json_result
+    from .evaluate import evaluate
 
     r = evaluate(args.model or args.checkpoint, args.data, args.split, device=args.device, batch_size=args.batch_size,
                  warmup=args.warmup, progress=not args.json, compare_batch1=args.compare_batch1, threads=args.threads)
-    print(json.dumps(json_result(r)) if args.json else format_result(r))
+    print(json.dumps(r.to_json()) if args.json else r.format_summary())
     return 0
 
 

@@ -20,14 +20,12 @@ from pathlib import Path
 from .data_folder import FolderDataset
 from .data_formats import FORMATS
 from .data_synthetic import SyntheticDataset, parse_synthetic
+from .data_synthetic import class_names as synthetic_class_names
 from .dataset import SegDataset
 from .errors import DataError
 
 FORMAT_NAMES = ("synthetic", "camvid", "cityscapes", "voc", "coco", "ade20k", "folder")
-SPEC_HELP = ("synthetic[:SEED[:N[:MIX]]], camvid:PATH, cityscapes:PATH, voc:PATH, coco:PATH, ade20k:PATH "
-             "or folder:PATH")
-# Every on-disk format by its spec prefix; `folder` is the user's own layout.
-FILE_FORMATS = {**FORMATS, "folder": FolderDataset}
+SPEC_HELP = ("synthetic[:SEED[:N[:MIX]]], camvid:PATH, cityscapes:PATH, voc:PATH, coco:PATH, ade20k:PATH or folder:PATH")
 
 
 def parse_spec(spec: str):
@@ -43,6 +41,18 @@ def parse_spec(spec: str):
     if not sep or not arg.strip():
         raise DataError(f"data spec {spec!r}: {kind} needs a folder, as {kind}:PATH")
     return kind, Path(arg.strip()).expanduser()
+
+
+def class_names(spec: str, num_classes: int) -> list[str]:
+    """The class names of the data set `spec` names (read from no file); `class_k` where a format has none."""
+    try:
+        kind, arg = parse_spec(spec)
+    except DataError:
+        kind = None
+    if kind == "synthetic":
+        return synthetic_class_names(num_classes)
+    names = list(FORMATS[kind].CLASS_NAMES) if kind in FORMATS else []
+    return names if len(names) == num_classes else [f"class_{k}" for k in range(num_classes)]
 
 
 def _check_split(kind: str, split: str, allowed: tuple[str, ...]) -> None:
@@ -64,13 +74,16 @@ def build_dataset(spec: str, split: str, input_size, train: bool = False, ignore
         if classes is not None and num_classes is not None and classes != num_classes:
             raise DataError(f"data spec {spec!r} has classes={classes} but the space has num_classes={num_classes}")
         return SyntheticDataset(arg, split, input_size, train, ignore_index, classes or num_classes)
-    cls = FILE_FORMATS[kind]
+    cls = _format(kind)
     _check_split(kind, split, cls.SPLITS)
     _check_num_classes(kind, cls.NUM_CLASSES, num_classes)
     ds = cls(arg, split, input_size, train, ignore_index)
     _check_num_classes(getattr(ds, "classes_file", kind), ds.num_classes, num_classes)
     return ds
 
+
+def _format(kind: str):
+    return FolderDataset if kind == "folder" else FORMATS[kind]
 
 
 def _check_num_classes(kind: str, have: int, want: int | None) -> None:
@@ -89,7 +102,7 @@ def check_dataset(spec: str, split: str, num_classes: int | None = None, deep: b
     if kind == "synthetic":
         ds = build_dataset(spec, split, (8, 8), num_classes=num_classes)
         return {"kind": kind, "split": split, "images": len(ds), "num_classes": ds.num_classes}
-    cls = FILE_FORMATS[kind]
+    cls = _format(kind)
     _check_split(kind, split, cls.SPLITS)
     _check_num_classes(kind, cls.NUM_CLASSES, num_classes)
     ds = cls(arg, split, (8, 8), False, 255)

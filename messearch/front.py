@@ -17,7 +17,9 @@ from .config import KIND_NAMES, KIND_REFERENCE, KIND_STATIC, config_id
 from .errors import MessError
 from .files import atomic_path
 from .pareto import pareto_select
-from .search import Prepared, SearchSpec, concat_rows, objectives, reference_rows, take_rows
+from .search import Prepared, reference_rows
+from .search_spec import SearchSpec
+from .shard_front import concat_rows, objectives, take_rows
 
 SCHEMA_VERSION = "1"
 BASE_COLUMNS = ["config_id", "kind", "n_exits", "positions", "heads", "thresholds", "miou", "pixel_acc",

@@ -112,7 +112,7 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     chosen = cheapest_within(front, tol_pp)
     model_path = out / "model.pt"
     t = time.perf_counter()
-    if model_path.exists() and load_exported(model_path).meta["provenance"].get("config_id") == chosen["config_id"]:
+    if model_path.exists() and load_exported(model_path).meta.provenance.get("config_id") == chosen["config_id"]:
         _say(f"export: {model_path} holds {chosen['config_id']}, skipped")
     else:
         _say(f"export: {chosen['config_id']} (cheapest within {tol_pp} pp of the reference)")
@@ -130,11 +130,11 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
         threads = (cache.meta.get("workers") or [{}])[0].get("threads", 1)
         measured = evaluate(str(model_path), data, "val", device=device, progress=False, threads=threads)
         original = evaluate(str(ckpt), data, "val", device=device, progress=False, threads=threads)
-        summary["measured"] = {k: measured[k] for k in ("miou", "pixel_acc", "exit_rates", "mean_gmacs",
+        summary["measured"] = {k: getattr(measured, k) for k in ("miou", "pixel_acc", "exit_rates", "mean_gmacs",
                                                        "latency_ms_median", "latency_ms_p90")}
-        summary["measured_reference"] = {k: original[k] for k in ("miou", "mean_gmacs", "latency_ms_median")}
-        summary["exact"] = bool(measured["miou"] == chosen["miou"] and measured["mean_gmacs"] == chosen["mean_gmacs"]
-                                and list(measured["exit_rates"]) == list(chosen["exit_rates"]))
+        summary["measured_reference"] = {k: getattr(original, k) for k in ("miou", "mean_gmacs", "latency_ms_median")}
+        summary["exact"] = bool(measured.miou == chosen["miou"] and measured.mean_gmacs == chosen["mean_gmacs"]
+                                and list(measured.exit_rates) == list(chosen["exit_rates"]))
         timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     atomic_write_text(out / "summary.md", format_summary_md(summary))

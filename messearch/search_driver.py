@@ -29,12 +29,17 @@ from .errors import MessError
 from .front import finish_front, rows_to_frame, write_front
 from .profile import load_profile
 from .ray_runtime import connect
-from .search import (ASSUMED_RATE_PER_CORE, FrontSink, Prepared, SearchSpec, block_rows, concat_rows, evaluate_items,
-                     prepare, reference_rows)
+from .search import Prepared, evaluate_items, prepare, reference_rows
+from .search_spec import SearchSpec
+from .shard_front import FrontSink, block_rows, concat_rows
 from .space import load_space, space_from_text
 
 
 # ------------------------------------------------------------------------------------------ size and shards
+
+# Rate the size estimate assumes (configurations per second per core), measured on the reference space.
+ASSUMED_RATE_PER_CORE = 1_000_000
+
 
 def plan_items(spec: SearchSpec) -> list[tuple]:
     """Work items with their size: ("tree", t_root, first_position, n_configs), plus ("static", n) in single mode."""

@@ -20,9 +20,9 @@ from .errors import MessError
 from .files import atomic_write_bytes, atomic_write_text, load_weights_only
 from .model import MESSNetwork
 from .space import Space, space_from_text
-from .weights import load_init
 from .train_stages import (JOINT, PLAIN, STAGE1, STAGE2, LossWeights, Runtime, StageModule, build_aux_exits,
                            epoch_seed, make_optimizer, make_scheduler, set_trainable, train_epoch, validate_exits)
+from .weights import load_init
 
 STATE_FORMAT = "messearch/train-state-v1"
 STAGE_NAMES = {STAGE1: "stage 1 (exit-aware backbone)", PLAIN: "original model (final head only)",

@@ -17,7 +17,7 @@ from messearch.errors import MessError
 from messearch.config import config_id
 from messearch.front import read_front, write_front
 from messearch.costs import CostTable as Costs
-from messearch.search import SearchSpec
+from messearch.search_spec import SearchSpec
 from messearch.search_driver import evaluate_configs, run_search, search_local
 
 N_BINS = 4
