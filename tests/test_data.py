@@ -70,7 +70,7 @@ def test_parse_spec_grammar():
     ("synthetic:1:5:-1/1/1", "mix="), ("synthetic:size=3", "unknown key 'size'"),
     ("synthetic:seed=1:5", "positional field '5'"), ("synthetic:classes=1", "classes=1"),
     ("synthetic:1:2:easy:9", "positional field '9'"), ("synthetic:", "empty field"),
-    ("synthetic:seed=1,seed=2", "seed given twice"), ("imagenet:/x", "unknown kind 'imagenet'"),
+    ("synthetic:seed=1,seed=2", "seed given twice"), ("imagenet:/x", "unknown format 'imagenet'"),
     ("camvid", "camvid:PATH"), ("voc:", "voc:PATH"), ("", "empty"),
 ])
 def test_parse_spec_errors_name_the_bad_part(spec, named):
@@ -392,7 +392,7 @@ def test_label_values_outside_each_format(tmp_path, kind, values, bad):
 @pytest.mark.skipif(not (CAMVID / "val.txt").is_file(), reason=f"real data absent: no CamVid copy at {CAMVID}")
 def test_real_camvid_val():
     spec = f"camvid:{CAMVID}"
-    assert check_dataset(spec, "val", 11) == {"kind": "camvid", "split": "val", "images": 101, "num_classes": 11}
+    assert check_dataset(spec, "val", 11) == {"format": "camvid", "split": "val", "images": 101, "num_classes": 11}
     ds = build_dataset(spec, "val", (90, 120), num_classes=11)
     hist = np.zeros(256, dtype=np.int64)
     for i in range(len(ds)):
