@@ -217,6 +217,22 @@ def speedup_at_equal_accuracy(df: pd.DataFrame, tol_pp: float = 0.5) -> float:
     return float(max(1.0, rows["speedup"].max())) if not rows.empty else 1.0
 
 
+def hypervolume(df: pd.DataFrame, min_miou: float = 0.0) -> float:
+    """Area dominated by the front in (MAC saving, mIoU), both maximised, above the reference point
+    (saving 0, mIoU `min_miou`); MAC saving = 1 - row GMACs / reference GMACs. With min_miou 0 it is the
+    front's best mIoU averaged over savings from 0 to 1 (a 0..1 number)."""
+    ref = float(df.loc[df["is_reference"], "mean_gmacs"].iloc[0])
+    pts = sorted(((1.0 - float(g) / ref, float(m)) for g, m in zip(df["mean_gmacs"], df["miou"])), reverse=True)
+    area, best = 0.0, min_miou
+    for i, (s, m) in enumerate(pts):
+        if s <= 0:
+            break
+        best = max(best, m)
+        nxt = max(pts[i + 1][0], 0.0) if i + 1 < len(pts) else 0.0
+        area += (s - nxt) * (best - min_miou)
+    return area
+
+
 def summary_line(df: pd.DataFrame) -> str:
     """One line for the end of a search: front size, time, configurations/s, speed-up at <= 0.5 pp loss."""
     n, secs = df.attrs.get("n_evaluated", 0), df.attrs.get("seconds", 0.0)

@@ -180,9 +180,10 @@ def _scene_measures(level: str, n: int = 24, size=(48, 48), k: int = 8) -> dict[
 
 def test_difficulty_is_what_the_generator_draws():
     """Easy scenes: every object in its class hue on a plain, nearly noiseless background, few classes. Hard
-    scenes: colour says nothing about the class (chance is 1/7), a textured noisy background, more classes."""
+    scenes: camouflage and recoloured objects make a pixel's own colour mislead for about half of the object
+    pixels (only the whole object's colour names the class), a noisy background, more classes."""
     easy, medium, hard = (_scene_measures(lv) for lv in LEVELS)
-    assert easy["colour"] > 0.95 and hard["colour"] < 0.3 and hard["colour"] < medium["colour"] < easy["colour"]
+    assert easy["colour"] > 0.95 and hard["colour"] < 0.6 and hard["colour"] < medium["colour"] < easy["colour"]
     assert easy["background_std"] < 0.03 < 0.1 < hard["background_std"]
     assert easy["classes"] < medium["classes"] < hard["classes"]
 
