@@ -417,5 +417,3 @@ def evaluate_items(prep: Prepared, items: list[tuple], sink, progress=None) -> N
         eval_tree(prep, trees[key], sink)
         if progress is not None:
             progress(sink)
-
-

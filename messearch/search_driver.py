@@ -77,7 +77,7 @@ def estimate(spec: SearchSpec, n_images: int, n_classes: int, cores: int = 1) ->
     k1 = max(0, int(spec.max_exits) - 1)
     rows = max((math.comb(q, k1 - 1) if k1 else 1) * h ** k1 * tc ** k1 for q in range(p)) if k1 else 1
     s_bytes = rows * n_images * 9 + 4_000_000 * 8 * 6
-    return {"n_configs": n_cfg, "seconds": n_cfg / (ASSUMED_RATE_PER_CORE * max(1, cores)),
+    return {"n_configs": n_cfg, "seconds": n_cfg / (1_000_000 * max(1, cores)),
             "bytes": int(d_bytes + s_bytes)}
 
 
@@ -117,17 +117,10 @@ def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
 
 def evaluate_shard(prep: Prepared, items, keep_all_dir=None, tag: str = "shard0", progress=None) -> tuple[dict, int]:
     """Evaluate one shard's items: its non-dominated rows (ties kept) and the number of configurations evaluated."""
-    sink = FrontSink(prep, keep_all=keep_all_dir is not None)
-    writer = _keep_all_writer(prep, keep_all_dir, tag) if keep_all_dir is not None else None
-
-    def flush(s):
-        if writer is not None and s.all_parts:
-            writer(concat_rows(s.all_parts))
-            s.all_parts = []
-        if progress is not None:
-            progress(s)
-    evaluate_items(prep, items, sink, flush)
-    flush(sink)
+    sink = FrontSink(prep, _keep_all_writer(prep, keep_all_dir, tag) if keep_all_dir is not None else None)
+    evaluate_items(prep, items, sink, progress)
+    if sink.keep_all:
+        sink.flush()
     return sink.rows(), sink.n_evaluated
 
 

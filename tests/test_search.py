@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messearch import search, stats
+from messearch import search, shard_front, stats
 from messearch.cache_format import CacheArrays
 from messearch.errors import MessError
 from messearch.config import config_id
@@ -343,3 +343,30 @@ def test_large_pixel_counts_stay_exact(scale):
     rows = brute_force_rows(cache, spec, macs, {})
     assert_same_rows(evaluate_configs(cache, spec, macs), rows, {})
     assert_same_rows(search_local(cache, spec, macs, shards=2), brute_force_front(rows, {}, spec), {})
+
+
+def test_the_front_does_not_depend_on_the_number_of_shards():
+    cache = make_cache(21, 4, 2, 9, 3)
+    macs = make_costs(21, cache.positions, cache.heads)
+    for mode in ("shared", "per-exit"):
+        spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.6, 0.3, 0.8), max_exits=3,
+                          thresholds_mode=mode, mode="single")
+        one = search_local(cache, spec, macs, shards=1)
+        for shards in (2, 3, 7, 40):
+            other = search_local(cache, spec, macs, shards=shards)
+            assert other.equals(one) and other.attrs["n_evaluated"] == spec.n_configs(), (mode, shards)
+
+
+def test_keep_all_writes_every_configuration_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(shard_front, "KEEP_ALL_ROWS", 40)
+    cache = make_cache(5, 3, 2, 8, 3)
+    macs = make_costs(5, cache.positions, cache.heads)
+    spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
+                      thresholds_mode="per-exit")
+    search_local(cache, spec, macs, shards=2, keep_all_dir=tmp_path / "all")
+    files = list((tmp_path / "all").rglob("*.parquet"))
+    assert len(files) >= spec.n_configs() // 40   # written as it went, ~KEEP_ALL_ROWS rows at a time
+    every = pd.read_parquet(tmp_path / "all").sort_values("config_id").reset_index(drop=True)
+    want = evaluate_configs(cache, spec, macs).query("not is_reference").sort_values("config_id").reset_index(drop=True)
+    assert list(every["config_id"]) == list(want["config_id"])
+    assert every["miou"].tolist() == want["miou"].tolist() and every["mean_gmacs"].tolist() == want["mean_gmacs"].tolist()
