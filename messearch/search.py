@@ -258,15 +258,17 @@ class Block:
     acc: dict               # table -> [R, ncol, tc] acc of the extended prefix
     hsum: dict              # table -> [R, ncol, 1]
     total: dict             # table -> [R, ncol, tc] sum of per-image costs of the configuration
-    survivors: object = None   # () -> bool [R, N]: images that pass none of each row's exits (built on demand)
+    survivors: object = None   # bool [R, N] images that pass none of each row's exits, or () -> it (lazy)
 
     @property
     def size(self) -> int:
         return self.n_new.size
 
     def s(self) -> np.ndarray:
-        """bool [R, N]: images that pass none of each row's exits."""
-        return self.survivors()
+        """bool [R, N]: images that pass none of each row's exits (built once)."""
+        if callable(self.survivors):
+            self.survivors = self.survivors()
+        return self.survivors
 
 
 def _extend(prep: Prepared, g: Group, d: np.ndarray, tree_t: np.ndarray, cols: np.ndarray, tsel: np.ndarray,
