@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .cache import CacheArrays
+from .cache_format import CacheArrays
 from .errors import MessError
 from .search import BLOCK_ELEMS, Prepared, SearchSpec, measure_rate
 
@@ -79,3 +79,20 @@ def check(est: dict, force: bool, address: str | None, max_bytes: int | None = N
     if est["bytes"] > max_bytes:
         raise MessError(f"a shard of the space needs about {est['bytes'] / 2**30:.1f} GiB, over the "
                         f"{max_bytes / 2**30:.1f} GiB available: shrink it or pass --force")
+
+
+def space_estimates(space, macs, n_images: int, cores: int, seconds: float = MEASURE_SECONDS) -> dict:
+    """Estimated search time of a space on `cores` of this machine, shared and per-exit thresholds, from the
+    evaluator's rate measured on a synthetic cache of n_images images (its exit statistics only)."""
+    from .search_driver import plan_items
+    from .search import prepare
+    cache = synthetic_cache(space.positions, space.head_names, n_images, space.num_classes)
+    out = {}
+    for mode in ("shared", "per-exit"):
+        spec = SearchSpec(positions=list(space.positions), heads=list(space.head_names),
+                          thresholds=tuple(space.thresholds), max_exits=space.max_exits, thresholds_mode=mode,
+                          mode=space.mode)
+        est = estimate(prepare(cache, spec, macs), spec, plan_items(spec), cores, seconds / 2)
+        out[mode] = {k: est[k] for k in ("n_configs", "configs_per_cpu_s", "cores", "seconds")}
+    out["n_images"] = n_images
+    return out

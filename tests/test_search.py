@@ -370,3 +370,20 @@ def test_keep_all_writes_every_configuration_in_chunks(tmp_path, monkeypatch):
     want = evaluate_configs(cache, spec, macs).query("not is_reference").sort_values("config_id").reset_index(drop=True)
     assert list(every["config_id"]) == list(want["config_id"])
     assert every["miou"].tolist() == want["miou"].tolist() and every["mean_gmacs"].tolist() == want["mean_gmacs"].tolist()
+
+
+def test_size_estimate_from_a_measured_rate_refuses_an_hour_without_force_or_cluster():
+    from messearch import search_size
+    from messearch.info import space_info
+    info = space_info("quickstart", n_images=20)
+    est = info["search_estimate"]
+    for mode, n in (("shared", info["n_configs"]), ("per-exit", info["n_configs_per_exit_thresholds"])):
+        e = est[mode]
+        assert e["n_configs"] == n - 1 and e["configs_per_cpu_s"] > 0   # info counts the reference row too
+        assert e["seconds"] == pytest.approx(e["n_configs"] / e["configs_per_cpu_s"] / e["cores"])
+    long = {"n_configs": 10**12, "configs_per_cpu_s": 1e6, "cores": 2, "cpu_seconds": 1e6, "seconds": 5e5, "bytes": 1}
+    with pytest.raises(MessError, match="--force.*--address"):
+        search_size.check(long, force=False, address=None)
+    search_size.check(long, force=True, address=None)
+    search_size.check(long, force=False, address="10.0.0.1:6379")
+    assert search_size.n_shards(long, 2) == math.ceil(1e6 / search_size.TRIAL_SECONDS)   # no trial over a minute
