@@ -170,6 +170,15 @@ def _progress_callback(total: int):
     return Progress()
 
 
+def _read_plan(key_file: Path) -> dict:
+    """The plan file of an earlier run ({"key", "n_shards"}), or {} when there is none or it is unreadable."""
+    try:
+        d = json.loads(key_file.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _plan_key(spec: SearchSpec, n_shards: int, cache: CacheArrays) -> str:
     text = repr((spec, n_shards, cache.n_images, cache.image_ids[:3], cache.image_ids[-3:]))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -192,7 +201,12 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     items = plan_items(spec)
     est = search_size.estimate(prep, spec, items, cores)
     search_size.check(est, force, address or os.environ.get("RAY_ADDRESS"))
-    n_shards = int(shards or search_size.n_shards(est, cores))
+    storage_path = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="messearch-tune-"))
+    exp = os.path.join(storage_path, name)
+    key_file = Path(storage_path) / f"{name}.plan"
+    stored = _read_plan(key_file) if resume else {}
+    # the shard count follows the measured rate; a resumed run keeps the count it started with
+    n_shards = int(shards or stored.get("n_shards") or search_size.n_shards(est, cores))
     if verbose:
         print(f"search: {search_size.describe(est)}; {n_shards} shard(s)", file=sys.stderr, flush=True)
     plan = assign_shards(items, n_shards)
@@ -200,9 +214,6 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
         keep_all_dir = os.path.abspath(keep_all_dir)
         print(f"warning: --keep-all writes all {est['n_configs']:,} configurations (about "
               f"{est['n_configs'] * 150 / 2**20:,.0f} MiB) to {keep_all_dir}", file=sys.stderr)
-    storage_path = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="messearch-tune-"))
-    exp = os.path.join(storage_path, name)
-    key_file = Path(storage_path) / f"{name}.plan"
     key = _plan_key(spec, n_shards, cache)
     trainable = tune.with_resources(
         tune.with_parameters(_shard_trial, cache=cache, spec=spec, macs=macs, latencies=latencies,
@@ -210,12 +221,12 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     # Each trial's work items are in its config, so ResultGrid.get_dataframe() says what every trial did.
     work = [{"index": i, "items": [list(it) for it in items]} for i, items in enumerate(plan)]
     if resume and tune.Tuner.can_restore(exp):
-        if not key_file.exists() or key_file.read_text() != key:
+        if stored.get("key") != key:
             raise MessError(f"cannot resume {exp}: it was started with another space, cache or shard count")
         tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=False, restart_errored=True)
     else:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
-        key_file.write_text(key)
+        key_file.write_text(json.dumps({"key": key, "n_shards": n_shards}))
         tuner = tune.Tuner(
             trainable, param_space={"shard": tune.grid_search(work)},
             tune_config=tune.TuneConfig(reuse_actors=True),

@@ -314,6 +314,9 @@ def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_pat
     df = run_search(cache, spec, macs, shards=2, storage_path=tmp_path / "tune", keep_all_dir=tmp_path / "all",
                     verbose=False)
     assert_same_rows(df, brute_force_front(brute_force_rows(cache, spec, macs, {}), {}, spec), {})
+    # resuming keeps the shard count the run started with, whatever the rate measured now suggests
+    again = run_search(cache, spec, macs, storage_path=tmp_path / "tune", resume=True, verbose=False)
+    assert again.equals(df)
     out = tmp_path / "pareto.parquet"
     write_front(df, out, {"space_text": "x: 1", "space_source": "s.yaml", "checkpoint_sha256": "ab",
                           "cache_sha256": "cd", "mode": spec.mode, "thresholds": spec.thresholds_mode})
