@@ -24,7 +24,7 @@ import numpy as np
 
 from search_throughput import HEADS, POSITIONS, random_cache, reference_macs
 
-from messearch.search import SearchSpec
+from messearch.search_spec import SearchSpec
 
 
 def run_on_nodes(n_nodes: int, cache, spec, macs, workdir: str):

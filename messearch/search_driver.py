@@ -37,10 +37,6 @@ from .space import load_space, space_from_text
 
 # ------------------------------------------------------------------------------------------ size and shards
 
-# Rate the size estimate assumes (configurations per second per core), measured on the reference space.
-ASSUMED_RATE_PER_CORE = 1_000_000
-
-
 def plan_items(spec: SearchSpec) -> list[tuple]:
     """Work items with their size: ("tree", t_root, first_position, n_configs), plus ("static", n) in single mode."""
     p, h, t, k = len(spec.positions), len(spec.heads), len(spec.thresholds), int(spec.max_exits)

@@ -5,12 +5,15 @@ a space estimated over an hour unless forced or sent to a cluster."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
 from .cache_format import CacheArrays
 from .errors import MessError
-from .search import BLOCK_ELEMS, Prepared, SearchSpec, measure_rate
+from .search import BLOCK_ELEMS, Prepared, evaluate_items, prepare
+from .search_spec import SearchSpec
+from .shard_front import FrontSink
 
 TRIAL_SECONDS = 30.0        # evaluation time a shard aims at: a failed trial is retried cheaply, none nears a minute
 MAX_LOCAL_SECONDS = 3600.0  # a longer search asks for --force or a cluster address
@@ -30,6 +33,27 @@ def synthetic_cache(positions, heads, n_images: int, n_classes: int, seed: int =
     n_above = np.repeat(n_pixels[:, None, None], e, axis=1)[..., None].repeat(2, axis=2)
     return CacheArrays(image_ids=[f"s{i}" for i in range(n_images)], positions=list(positions), heads=list(heads),
                        tp=tp, pred=pred, gt=gt, conf_mean=conf, n_above=n_above, n_pixels=n_pixels, meta={"n_bins": 1})
+
+
+def measure_rate(prep: Prepared, items: list[tuple], seconds: float = MEASURE_SECONDS, seed: int = 0) -> dict:
+    """The evaluator's configurations per CPU-second on this machine, from work items sampled by size.
+
+    Items are drawn with probability proportional to their size (where the search spends its time) among
+    those the budget can finish, and evaluated until `seconds` of CPU time have passed.
+    """
+    trees = [it for it in items if it[0] == "tree"]
+    sink = FrontSink(prep)
+    t0 = time.process_time()
+    if trees:
+        sizes = np.array([float(it[-1]) for it in trees])
+        pool = np.flatnonzero(sizes <= max(sizes.min(), seconds * 2e6))
+        rng = np.random.default_rng(seed)
+        for i in rng.choice(pool, size=len(pool), replace=False, p=sizes[pool] / sizes[pool].sum()):
+            evaluate_items(prep, [trees[i]], sink)
+            if time.process_time() - t0 >= seconds:
+                break
+    cpu = max(time.process_time() - t0, 1e-6)
+    return {"configs_per_cpu_s": sink.n_evaluated / cpu, "sampled": sink.n_evaluated, "cpu_s": cpu}
 
 
 def estimate(prep: Prepared, spec: SearchSpec, items: list[tuple], cores: int, seconds: float = MEASURE_SECONDS) -> dict:
@@ -85,7 +109,6 @@ def space_estimates(space, macs, n_images: int, cores: int, seconds: float = MEA
     """Estimated search time of a space on `cores` of this machine, shared and per-exit thresholds, from the
     evaluator's rate measured on a synthetic cache of n_images images (its exit statistics only)."""
     from .search_driver import plan_items
-    from .search import prepare
     cache = synthetic_cache(space.positions, space.head_names, n_images, space.num_classes)
     out = {}
     for mode in ("shared", "per-exit"):
