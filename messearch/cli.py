@@ -15,6 +15,8 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="a space file's positions, heads, GMACs and number of configurations")
     p.add_argument("space", help=SPACE_HELP)
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="override the space's input size")
+    p.add_argument("--images", type=int, default=500, help="cached validation images the search time is estimated for")
+    p.add_argument("--no-estimate", action="store_true", help="skip measuring the search time (about 2 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -34,7 +36,10 @@ def _run_spaces(args) -> int:
 def _run_info(args) -> int:
     from .info import space_info, format_info
 
-    info = space_info(args.space, tuple(args.input_size) if args.input_size else None)
+    if args.images < 1:
+        raise MessError(f"--images {args.images} must be at least 1")
+    info = space_info(args.space, tuple(args.input_size) if args.input_size else None, args.images,
+                      not args.no_estimate)
     print(json.dumps(info) if args.json else format_info(info))
     return 0
 

@@ -17,7 +17,7 @@ the images that fail at t but not before (one segment): each image enters one pr
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,6 +56,15 @@ class Prepared:
     costs: dict              # "macs" and "lat:<device>" -> (backbone_to[E], head[E], backbone_total, final)
     devices: list[str]
     bound: np.ndarray = None   # int64 [N]: largest |entry| of each image's xd rows (exact-sum runs, see _runs)
+    d_cache: dict = field(default_factory=dict, repr=False)   # the latest tree's D, reused by the next tree
+
+    def tree_d(self, tree_t: np.ndarray) -> np.ndarray:
+        """D [N, E, Tt, W]: each exit's xd row where the image leaves there with threshold tree_t[j], else 0."""
+        key = tuple(int(t) for t in tree_t)
+        if key not in self.d_cache:
+            self.d_cache.clear()   # one D alive at a time (per-exit: the same D for every tree)
+            self.d_cache[key] = self.xd[:, :, None, :] * (~self.fail[:, :, tree_t])[..., None].astype(self.xd.dtype)
+        return self.d_cache[key]
 
     @property
     def n_exits(self) -> int:
@@ -258,15 +267,17 @@ class Block:
     acc: dict               # table -> [R, ncol, tc] acc of the extended prefix
     hsum: dict              # table -> [R, ncol, 1]
     total: dict             # table -> [R, ncol, tc] sum of per-image costs of the configuration
-    survivors: object = None   # () -> bool [R, N]: images that pass none of each row's exits (built on demand)
+    survivors: object = None   # bool [R, N] images that pass none of each row's exits, or () -> it (lazy)
 
     @property
     def size(self) -> int:
         return self.n_new.size
 
     def s(self) -> np.ndarray:
-        """bool [R, N]: images that pass none of each row's exits."""
-        return self.survivors()
+        """bool [R, N]: images that pass none of each row's exits (built once)."""
+        if callable(self.survivors):
+            self.survivors = self.survivors()
+        return self.survivors
 
 
 def _extend(prep: Prepared, g: Group, d: np.ndarray, tree_t: np.ndarray, cols: np.ndarray, tsel: np.ndarray,
@@ -376,7 +387,7 @@ def eval_tree(prep: Prepared, roots, sink, chunk_elems: int | None = None) -> No
         by_p[int(p)].add(int(t))
     order = np.argsort(prep.thresholds, kind="stable")   # threshold indices ascending in value
     tree_t = order[np.isin(order, sorted(set().union(*by_p.values())))] if prep.shared else order
-    d = prep.xd[:, :, None, :] * (~prep.fail[:, :, tree_t])[..., None].astype(prep.xd.dtype)   # [N, E, Tt, W]
+    d = prep.tree_d(tree_t)
     zero = {k: np.zeros(1, dtype=v[0].dtype) for k, v in prep.costs.items()}
     empty = np.zeros((1, 0), dtype=np.int64)
     root = Group(np.ones((1, n), dtype=bool), np.array([-1]), np.array([0]),
@@ -417,5 +428,3 @@ def evaluate_items(prep: Prepared, items: list[tuple], sink, progress=None) -> N
         eval_tree(prep, trees[key], sink)
         if progress is not None:
             progress(sink)
-
-

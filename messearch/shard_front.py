@@ -10,6 +10,8 @@ from . import stats
 from .config import KIND_CASCADE
 from .search import Block, Prepared, pad_columns
 
+KEEP_ALL_ROWS = 500_000   # rows handed to the --keep-all writer at a time
+
 
 def block_rows(prep: Prepared, b: Block, idx: np.ndarray, miou: np.ndarray | None = None) -> dict:
     """Materialise the configurations at flat indices idx of a block as rows (the form block_metrics returns)."""
@@ -64,18 +66,26 @@ def objectives(rows: dict, devices) -> np.ndarray:
 
 
 class FrontSink:
-    """Keeps the non-dominated rows (ties kept) of everything it is given, refiltering as it grows."""
+    """Keeps the non-dominated rows (ties kept) of everything it is given, refiltering as it grows.
 
-    def __init__(self, prep: Prepared, keep_all: bool = False, limit: int = 100_000):
-        self.prep, self.keep_all, self.limit = prep, keep_all, limit
-        self.parts, self.size, self.n_evaluated, self.all_parts = [], 0, 0, []
+    Memory stays bounded: each block is reduced to its candidates as it arrives. With a `writer` (--keep-all)
+    every row is also handed to writer(rows) in chunks of about flush_rows (KEEP_ALL_ROWS) rows.
+    """
+
+    def __init__(self, prep: Prepared, writer=None, limit: int = 100_000, flush_rows: int | None = None):
+        self.prep, self.writer, self.limit, self.flush_rows = prep, writer, limit, flush_rows or KEEP_ALL_ROWS
+        self.parts, self.size, self.n_evaluated, self.all_parts, self.pending = [], 0, 0, [], 0
         self.front = np.empty((0, 2 + len(prep.devices)))
+
+    @property
+    def keep_all(self) -> bool:
+        return self.writer is not None
 
     def block(self, b: Block) -> None:
         obj = block_objectives(self.prep, b)
         self.n_evaluated += len(obj)
         if self.keep_all:
-            self.all_parts.append(block_rows(self.prep, b, np.arange(len(obj)), -obj[:, 0]))
+            self._pend(block_rows(self.prep, b, np.arange(len(obj)), -obj[:, 0]))
         cand = np.flatnonzero(~self._dominated_by_front(obj))
         cand = cand[nondominated_mask(obj[cand])]
         self._keep(block_rows(self.prep, b, cand, -obj[cand, 0]))
@@ -84,8 +94,20 @@ class FrontSink:
         """Add materialised rows (static truncations, small sets)."""
         self.n_evaluated += len(rows["miou"])
         if self.keep_all:
-            self.all_parts.append(rows)
+            self._pend(rows)
         self._keep(take_rows(rows, nondominated_mask(objectives(rows, self.prep.devices))))
+
+    def _pend(self, rows: dict) -> None:
+        self.all_parts.append(rows)
+        self.pending += len(rows["miou"])
+        if self.pending >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the rows kept for --keep-all to the writer."""
+        if self.all_parts:
+            self.writer(concat_rows(self.all_parts))
+            self.all_parts, self.pending = [], 0
 
     def _keep(self, rows: dict) -> None:
         self.parts.append(rows)
