@@ -250,12 +250,14 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
                                       failure_config=tune.FailureConfig(max_failures=2),
                                       callbacks=[_progress_callback(est["n_configs"])] if verbose else None))
     grid = tuner.fit()
+    results = list(grid)
     if grid.errors:
-        raise MessError(f"{len(grid.errors)} search shard(s) failed after retries: {grid.errors[0]}")
+        raise grid.errors[0]   # the trial's own error; the CLI prints its message and logs the remote stack
+    if any(r.checkpoint is None or not (r.metrics or {}).get("done") for r in results):
+        # Tune caught Ctrl+C (or SIGTERM, delivered as Ctrl+C), stopped the trials and saved its state
+        raise KeyboardInterrupt
     parts, total, cpu_s, rss, eval_s = [], 0, 0.0, 0.0, []
-    for result in grid:
-        if result.checkpoint is None:
-            raise MessError(f"search shard {result.config['shard']['index']} finished without its result")
+    for result in results:
         with result.checkpoint.as_directory() as d:
             with np.load(os.path.join(d, "rows.npz"), allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
