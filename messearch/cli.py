@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -332,6 +333,10 @@ def _run_quickstart(args) -> int:
     return 0
 
 
+# Where each command writes: its --out is a file or a folder, checked before any work starts.
+OUT_IS_FOLDER = {"cache": True, "train": True, "pipeline": True, "quickstart": True,
+                 "profile": False, "export": False, "search": False, "plot": False}
+
 # Each command: (adder, runner). Add new commands here, in the order `--help` lists them.
 COMMANDS = {
     "info": (_add_info, _run_info),
@@ -400,7 +405,8 @@ def _error_line(e: BaseException, debug: bool) -> str:
         if debug:
             traceback.print_exception(e)
         return f"error: {e}"
-    cause, stack = remote_cause(e), str(e)
+    cause = remote_cause(e)
+    stack = "Traceback of the error raised in a Ray worker:\n" + re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     if debug:
         print(stack, file=sys.stderr)
@@ -445,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if getattr(args, "out", None) and args.command in OUT_IS_FOLDER:
+            from .io import check_writable
+
+            check_writable(args.out, folder=OUT_IS_FOLDER[args.command])
         return COMMANDS[args.command][1](args) or 0
     except KeyboardInterrupt as e:
         code = 143 if (_terminated or isinstance(e, _Terminated)) else 130

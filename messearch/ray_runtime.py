@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
 
@@ -23,6 +24,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
+    before = signal.getsignal(signal.SIGTERM)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # Joining a cluster: resources are the cluster's own, so num_cpus must not be passed.
@@ -32,8 +34,18 @@ def connect(address: str | None = None, num_cpus: int | None = None):
         # moment (even mid start-up) can find and end exactly this run's processes, and no one else's.
         _own_tag = f"{os.getpid()}-{uuid.uuid4().hex}"
         os.environ[RUN_TAG_ENV] = _own_tag
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # address="local": a new Ray of our own, even when `ray start` left one on this machine (a bare ray.init
+        # would silently join that one, someone else's cluster).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    _restore_sigterm(before)
     return ray
+
+
+def _restore_sigterm(before) -> None:
+    # ray.init replaces the driver's SIGTERM handler (with one that exits at once, or aborts, without clean-up);
+    # putting back the Python handler that was there before (the CLI's) keeps the clean interrupt path.
+    if callable(before) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, before)
 
 
 def started_local() -> bool:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -236,11 +237,15 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
                              keep_all_dir=keep_all_dir), {"cpu": 1})
     # Each trial's work items are in its config, so ResultGrid.get_dataframe() says what every trial did.
     work = [{"index": i, "items": [list(it) for it in items]} for i, items in enumerate(plan)]
-    if resume and tune.Tuner.can_restore(exp):
+    # An experiment interrupted before Tune saved its first state has a tuner.pkl but nothing to restore (a
+    # restore would then run trials without their config): start it again.
+    restorable = tune.Tuner.can_restore(exp) and any(Path(exp).glob("experiment_state-*.json"))
+    if resume and restorable:
         if not key_file.exists() or key_file.read_text() != key:
             raise MessError(f"cannot resume {exp}: it was started with another space, cache or shard count")
         tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=False, restart_errored=True)
     else:
+        shutil.rmtree(exp, ignore_errors=True)   # never mix trials of an earlier run into this one
         Path(storage_path).mkdir(parents=True, exist_ok=True)
         key_file.write_text(key)
         tuner = tune.Tuner(
