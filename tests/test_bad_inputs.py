@@ -385,3 +385,34 @@ def test_ctrl_c_mid_tune_then_resume_gives_the_same_front(env, tmp_path, capsys)
     _no_partial_files(tmp_path)
     assert main(argv + ["--resume"]) == 0
     pd.testing.assert_frame_equal(read_front(out)[0], read_front(env["front"])[0])
+
+
+def test_a_tune_trial_that_raises_once_is_retried_and_the_front_is_identical(env, tmp_path, monkeypatch):
+    """Fault injection on the Tune side: shard 0's first attempt raises inside its Ray worker; Tune retries it
+    (FailureConfig) and the front equals the in-process search's, row for row."""
+    from ray import cloudpickle
+    import pandas as pd
+
+    import messearch.tune_search as driver
+    from messearch.pareto import read_front
+
+    marker = tmp_path / "fail-once"
+    marker.write_text("")
+
+    def flaky(config, **kwargs):   # pickled by value into the trial's worker
+        from messearch.tune_search import _shard_trial
+
+        if int(config["shard"]) == 0 and os.path.exists(str(marker)):
+            os.remove(str(marker))
+            raise RuntimeError("injected fault: shard 0, first attempt")
+        return _shard_trial(config, **kwargs)
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(driver, "_shard_trial", flaky)
+    out = tmp_path / "pareto.parquet"
+    try:
+        assert main(["search", "--cache", env["cache"], "--out", str(out), "--shards", "2"]) == 0
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert not marker.exists()   # the fault did fire
+    pd.testing.assert_frame_equal(read_front(out)[0], read_front(env["front"])[0])
