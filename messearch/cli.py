@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if getattr(args, "out", None) and args.command in OUT_IS_FOLDER:
-            from .io import check_writable
+            from .files import check_writable
 
             check_writable(args.out, folder=OUT_IS_FOLDER[args.command])
         return COMMANDS[args.command][1](args) or 0

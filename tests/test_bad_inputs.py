@@ -362,17 +362,17 @@ def test_sigterm_mid_cache_keeps_whole_shards_and_says_how_to_resume(env, tmp_pa
     assert line.startswith("interrupted (SIGTERM): ") and f"of 300 shards kept in {out}" in line, line
     assert "--resume" in line and left == [], (line, left)
     _no_partial_files(out)
-    from messearch.cache import _read_manifest, _shard_ok
+    from messearch.cache_format import read_manifest, shard_ok
 
-    manifest = _read_manifest(out)
-    kept = [s for s in manifest["shards"] if s is not None]
-    assert not manifest["complete"] and kept and all(_shard_ok(out, s) for s in kept)
+    manifest = read_manifest(out)
+    kept = [s for s in manifest.shards if s is not None]
+    assert not manifest.complete and kept and all(shard_ok(out, s) for s in kept)
 
 
 def test_ctrl_c_mid_tune_then_resume_gives_the_same_front(env, tmp_path, capsys):
     import pandas as pd
 
-    from messearch.pareto import read_front
+    from messearch.front import read_front
 
     out = tmp_path / "pareto.parquet"
     argv = ["search", "--cache", env["cache"], "--out", str(out), "--shards", "2"]
@@ -393,16 +393,16 @@ def test_a_tune_trial_that_raises_once_is_retried_and_the_front_is_identical(env
     from ray import cloudpickle
     import pandas as pd
 
-    import messearch.tune_search as driver
-    from messearch.pareto import read_front
+    import messearch.search_driver as driver
+    from messearch.front import read_front
 
     marker = tmp_path / "fail-once"
     marker.write_text("")
 
     def flaky(config, **kwargs):   # pickled by value into the trial's worker
-        from messearch.tune_search import _shard_trial
+        from messearch.search_driver import _shard_trial
 
-        if int(config["shard"]) == 0 and os.path.exists(str(marker)):
+        if config["shard"]["index"] == 0 and os.path.exists(str(marker)):
             os.remove(str(marker))
             raise RuntimeError("injected fault: shard 0, first attempt")
         return _shard_trial(config, **kwargs)
