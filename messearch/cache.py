@@ -197,7 +197,7 @@ def build_cache(checkpoint, data_spec: str | None, split: str, out_dir, actors: 
     if todo:
         _run_pool(manifest, todo, ckpt_bytes, out_dir, actors, gpus_per_actor, address, progress, on_shard)
     manifest.complete = True
-    manifest.cache_sha256 = cache_sha256(manifest.shards)
+    manifest.cache_sha256 = cache_sha256(manifest)
     _write_manifest(out_dir, manifest)
     return manifest
 

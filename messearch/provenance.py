@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict
 
 from .errors import MessError
-from .space import PolicySpec, Space
+from .space import PolicySpec, Space, space_from_text
 
 
 def _head_fields(space: Space) -> list[dict]:
@@ -64,8 +64,6 @@ def policy_to_build(meta: dict, checkpoint_policy: PolicySpec, front_path) -> Po
     text = meta.get("policy")
     if not text:
         if meta.get("space_text"):   # a front written without a policy record: its space file's policy
-            from .space import space_from_text
-
             return space_from_text(meta["space_text"], f"{front_path}:space").policy
         return checkpoint_policy
     try:

@@ -29,6 +29,7 @@ from .costs import mac_table
 from .errors import MessError
 from .front import finish_front, rows_to_frame, write_front
 from .profile import load_profile
+from .provenance import policy_record, reconcile_space
 from .ray_runtime import connect
 from .search import (ASSUMED_RATE_PER_CORE, FrontSink, Prepared, SearchSpec, block_rows, concat_rows, evaluate_items,
                      prepare, reference_rows)
@@ -300,29 +301,34 @@ class SearchOptions:
     local: bool = False   # run the shards in this process, without Ray (machines without Ray)
 
 
-def search_spec_for(space, opts: SearchOptions):
-    """The SearchSpec of a space, with the options' overrides and constraints."""
+def search_spec_for(space, opts: SearchOptions, policy=None):
+    """The SearchSpec of a space, with the options' overrides and constraints; `policy` (default the space's) is the
+    exit policy the search reads from the cache."""
+    policy = policy or space.policy
+    if opts.max_exits is not None and not 1 <= opts.max_exits <= len(space.positions):
+        raise MessError(f"--max-exits {opts.max_exits}: allowed 1 to {len(space.positions)} (the number of candidate "
+                        f"positions of {space.source})")
     return SearchSpec(positions=list(space.positions), heads=space.head_names, thresholds=tuple(space.thresholds),
                       max_exits=opts.max_exits or space.max_exits, thresholds_mode=opts.thresholds,
-                      mode=opts.mode or space.mode, policy_kind=space.policy.kind,
-                      pixel_threshold_bin=space.policy.pixel_threshold_bin, max_gmacs=opts.max_gmacs,
+                      mode=opts.mode or space.mode, policy_kind=policy.kind,
+                      pixel_threshold_bin=policy.pixel_threshold_bin, max_gmacs=opts.max_gmacs,
                       max_latency_ms=dict(opts.max_latency_ms), min_miou=opts.min_miou,
                       max_miou_drop_pp=opts.max_miou_drop_pp)
 
 
 def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_path: str | None = None):
-    """Search every configuration over a cache and write the front to `out` (pareto.parquet); returns the DataFrame."""
+    """Search every configuration over a cache and write the front to `out` (pareto.parquet); returns the DataFrame.
+
+    The figures follow the cache's own space and policy: a `space_path` may change only the search's grid
+    (thresholds, max_exits, mode), or the policy's bins by an exact conversion (provenance.reconcile_space)."""
     opts = opts or SearchOptions()
     cache = load_cache(cache_dir)
     cached_space = space_from_text(cache.meta["space_text"],
                                    cache.meta.get("space_source") or f"{cache_dir} (space of the cache)")
-    space = cached_space
+    space, policy, conversion = cached_space, cached_space.policy, ""
     if space_path:
         space = load_space(space_path)
-        if (space.model, space.positions, space.head_names, space.num_classes) != (
-                cached_space.model, cached_space.positions, cached_space.head_names, cached_space.num_classes):
-            raise MessError(f"{space_path}: the space's model, positions, heads or classes differ from those the "
-                            f"cache {cache_dir} was built with; use the space of the checkpoint, or rebuild the cache")
+        policy, conversion = reconcile_space(space, cached_space, cache_dir)
     latencies, device_names = {}, {}
     for path in opts.profiles:
         # The file's stem (profiles/<device>.parquet) names the column latency_ms_<device>: short and typeable.
@@ -333,7 +339,7 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
         if table.positions != list(space.positions) or table.heads != space.head_names:
             raise MessError(f"{path}: the profile's positions or heads differ from the cache's space")
         latencies[key], device_names[key] = table, device_name
-    spec = search_spec_for(space, opts)
+    spec = search_spec_for(space, opts, policy)
     macs = mac_table(space)
     keep_all_dir = Path(out).with_name(Path(out).stem + "_all") if opts.keep_all else None
     t0 = time.perf_counter()
@@ -347,8 +353,9 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
         "space_text": space.text, "space_source": space.source,
         "checkpoint_sha256": cache.meta.get("checkpoint_sha256", ""), "cache_sha256": cache.meta.get("cache_sha256", ""),
         "mode": spec.mode, "thresholds": spec.thresholds_mode, "max_exits": spec.max_exits,
-        "policy": json.dumps({"kind": space.policy.kind, "pixel_threshold": space.policy.pixel_threshold,
-                              "n_bins": space.policy.n_bins}),
+        # what the figures were computed from: the policy read (on the cache's bins), the cache's exits, the grid
+        "policy": policy_record(policy), "policy_conversion": conversion, "exits": json.dumps(cache.meta.get("exits")),
+        "threshold_grid": json.dumps([float(t) for t in spec.thresholds]),
         "data": cache.meta.get("data", ""), "split": cache.meta.get("split", ""),
         "n_images": cache.n_images, "n_evaluated": df.attrs.get("n_evaluated", ""),
         "seconds": f"{df.attrs.get('seconds', time.perf_counter() - t0):.3f}",

@@ -242,6 +242,104 @@ ROWS = [
 ]
 
 
+def _front_without(column: str):
+    """A copy of the front with one column dropped (metadata kept), as another tool might write it."""
+    def setup(env, tmp):
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(env["front"])
+        pq.write_table(t.drop_columns([column]), tmp / "f.parquet")
+        return {"f": str(tmp / "f.parquet")}
+    return setup
+
+
+def _front_file(data: bytes | None):
+    def setup(env, tmp):
+        if data is None:   # truncated
+            raw = Path(env["front"]).read_bytes()
+            (tmp / "f.parquet").write_bytes(raw[: len(raw) // 2])
+        else:
+            (tmp / "f.parquet").write_bytes(data)
+        return {"f": str(tmp / "f.parquet")}
+    return setup
+
+
+def _front_meta(**changes):
+    """A copy of the front with its key-value metadata changed (as an older messearch wrote it)."""
+    def setup(env, tmp):
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(env["front"])
+        kv = dict(t.schema.metadata)
+        kv.update({k.encode(): v.encode() for k, v in changes.items()})
+        pq.write_table(t.replace_schema_metadata(kv), tmp / "f.parquet")
+        return {"f": str(tmp / "f.parquet")}
+    return setup
+
+
+def _space_variant(old: str, new: str):
+    def setup(env, tmp):
+        (tmp / "s.yaml").write_text(SPACE.replace(old, new))
+        return {"s": str(tmp / "s.yaml")}
+    return setup
+
+
+EXPORT_F = ["export", "--checkpoint", "{ckpt}", "--front", "{f}", "--config-id", "reference", "--out", "{tmp}/m.pt"]
+SEARCH_C = ["search", "--cache", "{c}", "--out", "{tmp}/p.parquet", "--local"]
+SEARCH_S = ["search", "--cache", "{cache}", "--space", "{s}", "--out", "{tmp}/p.parquet", "--local"]
+
+ROWS += [
+    ("query-front-missing", None, ["query", "{tmp}/nope.parquet"], 2, "nope.parquet: front not found"),
+    ("plot-front-missing", None, ["plot", "{tmp}/nope.parquet", "--out", "{tmp}/p.png"], 2, "front not found"),
+    ("query-front-truncated", _front_file(None), ["query", "{f}"], 2, "f.parquet: not a Parquet file"),
+    ("plot-front-not-parquet", _front_file(b"config_id,miou\nreference,0.5\n"), ["plot", "{f}", "--out", "{tmp}/p.png"],
+     2, "f.parquet: not a Parquet file"),
+    ("export-front-truncated", _front_file(None), EXPORT_F, 2, "f.parquet: not a Parquet file"),
+    ("query-front-lacks-miou", _front_without("miou"), ["query", "{f}"], 2, "column 'miou' missing"),
+    ("query-front-lacks-is_reference", _front_without("is_reference"), ["query", "{f}"], 2,
+     "column 'is_reference' missing"),
+    ("plot-front-lacks-mean_gmacs", _front_without("mean_gmacs"), ["plot", "{f}", "--out", "{tmp}/p.png"], 2,
+     "column 'mean_gmacs' missing"),
+    ("plot-front-lacks-is_reference", _front_without("is_reference"), ["plot", "{f}", "--out", "{tmp}/p.png"], 2,
+     "column 'is_reference' missing"),
+    ("export-front-lacks-thresholds", _front_without("thresholds"), EXPORT_F, 2, "column 'thresholds' missing"),
+    ("export-front-lacks-config_id", _front_without("config_id"), EXPORT_F, 2, "column 'config_id' missing"),
+    ("export-front-lacks-positions", _front_without("positions"), EXPORT_F, 2, "column 'positions' missing"),
+    # --- provenance: a --space that disagrees with the cache (case 1), a manifest edited by hand (case 2)
+    ("search-space-policy-bins", _space_variant("n_bins: 10", "n_bins: 4"), SEARCH_S, 2,
+     "field 'policy.n_bins' is 4 but the cache"),
+    ("export-front-policy-on-another-grid", _front_meta(policy='{"kind": "fraction", "pixel_threshold": 0.5, "n_bins": 2}'),
+     EXPORT_F, 2, "the front records policy kind 'fraction' on 2 bins, but its checkpoint's cache holds"),
+    ("search-space-pixel-threshold", _space_variant("pixel_threshold: 0.5", "pixel_threshold: 0.7"), SEARCH_S, 2,
+     "field 'policy.pixel_threshold' is 0.7 but the cache"),
+    ("search-space-policy-kind", _space_variant("{kind: fraction, pixel_threshold: 0.5, n_bins: 10}", "{kind: mean}"),
+     SEARCH_S, 2, "field 'policy.kind' is 'mean' but the cache"),
+    ("search-space-positions", _space_variant("[backbone.2, backbone.4]", "[backbone.2, backbone.5]"), SEARCH_S, 2,
+     "field 'positions' is ['backbone.2', 'backbone.5'] but the cache"),
+    ("search-space-heads-order", _space_variant("  - {name: lin, reduction: 4, layers: 0}\n  - {name: c1, reduction: 4, layers: 1}",
+                                                "  - {name: c1, reduction: 4, layers: 1}\n  - {name: lin, reduction: 4, layers: 0}"),
+     SEARCH_S, 2, "field 'heads' is ['c1', 'lin'] but the cache"),
+    ("search-space-head-spec", _space_variant("{name: c1, reduction: 4, layers: 1}", "{name: c1, reduction: 4, layers: 2}"),
+     SEARCH_S, 2, "field 'heads[1]'"),
+    ("search-space-classes", _space_variant("num_classes: 11", "num_classes: 12"), SEARCH_S, 2,
+     "field 'num_classes' is 12 but the cache"),
+    ("search-space-input-size", _space_variant("input_size: [32, 32]", "input_size: [64, 64]"), SEARCH_S, 2,
+     "field 'input_size' is [64, 64] but the cache"),
+    ("search-max-exits-above-positions", None,
+     ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--local", "--max-exits", "5"], 2,
+     "--max-exits 5"),
+    ("search-manifest-positions-reversed", _manifest_edit(lambda m: m["positions"].reverse()), SEARCH_C, 2,
+     "manifest.json: its metadata no longer matches its cache_sha256"),
+    ("search-manifest-heads-reversed", _manifest_edit(lambda m: m["heads"].reverse()), SEARCH_C, 2, "manifest.json: its metadata no longer matches its cache_sha256"),
+    ("search-manifest-exits-edited", _manifest_edit(lambda m: m["exits"].reverse()), SEARCH_C, 2, "manifest.json: its metadata no longer matches its cache_sha256"),
+    ("search-manifest-n-images", _manifest_edit(lambda m: m.update(n_images=m["n_images"] + 1)), SEARCH_C, 2,
+     "manifest.json: its metadata no longer matches its cache_sha256"),
+    ("search-manifest-image-id", _manifest_edit(lambda m: m["image_ids"][0].__setitem__(0, "someone-else")), SEARCH_C,
+     2, "manifest.json: its metadata no longer matches its cache_sha256"),
+    ("search-manifest-policy", _manifest_edit(lambda m: m.update(n_bins=20)), SEARCH_C, 2, "manifest.json: its metadata no longer matches its cache_sha256"),
+]
+
+
 @pytest.mark.parametrize("name,setup,argv,code,fragment", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input(env, tmp_path, capsys, name, setup, argv, code, fragment):
     values = dict(env, tmp=str(tmp_path))
@@ -258,6 +356,55 @@ def test_bad_input(env, tmp_path, capsys, name, setup, argv, code, fragment):
     assert not (tmp_path / "pwned").exists()
     if "(remote stack in " in lines[0]:
         Path(lines[0].split("(remote stack in ")[1].rstrip(")")).unlink()
+
+
+def test_case_1_a_space_on_a_coarser_grid_reads_the_cached_threshold_and_says_so(env, tmp_path, capsys):
+    """Issue 13 case 1: a --space whose policy has other bins than the cache. Not an exact conversion (4 bins against
+    the cache's 10): refused (a table row). An exact one (2 bins: 0.5 is bin 1 of 2 and bin 5 of 10): the front
+    equals the cache's own, records the policy it read and the conversion, and its export measures what it says."""
+    import json
+
+    import pandas as pd
+
+    from messearch.evaluate import evaluate
+    from messearch.export import export_model
+    from messearch.front import read_front
+
+    space = tmp_path / "coarse.yaml"
+    space.write_text(SPACE.replace("n_bins: 10", "n_bins: 2"))
+    out = tmp_path / "pareto.parquet"
+    assert main(["search", "--cache", env["cache"], "--space", str(space), "--out", str(out), "--local"]) == 0
+    df, meta = read_front(out)
+    pd.testing.assert_frame_equal(df, read_front(env["front"])[0])
+    assert json.loads(meta["policy"]) == {"kind": "fraction", "pixel_threshold": 0.5, "n_bins": 10,
+                                          "pixel_threshold_bin": 5}
+    assert "policy.n_bins 2" in meta["policy_conversion"] and "bin 5 of 10" in meta["policy_conversion"]
+    assert json.loads(meta["exits"])[-1] == ["<final>", "final"] and json.loads(meta["threshold_grid"]) == [0.3, 0.6, 0.9]
+    row = df[df["n_exits"] == df["n_exits"].max()].iloc[0]
+    model = export_model(env["ckpt"], out, row["config_id"], tmp_path / "m.pt")
+    got = evaluate(str(model), env["data"], "val", warmup=0, progress=False, threads=1)
+    assert (got["miou"], got["mean_gmacs"], list(got["exit_rates"])) == (row["miou"], row["mean_gmacs"],
+                                                                        list(row["exit_rates"]))
+
+
+@pytest.mark.parametrize("edit", ["positions", "heads"])
+def test_case_2_a_manifest_with_reversed_lists_is_refused_and_resume_repairs_it(env, tmp_path, capsys, edit):
+    """Issue 13 case 2: positions or heads reversed by hand would attach each exit's label to another exit's
+    statistics; the cache's hash covers them, so the search refuses, and `cache --resume` rewrites the manifest."""
+    import json
+
+    cache = Path(shutil.copytree(env["cache"], tmp_path / "cache"))
+    m = json.loads((cache / "manifest.json").read_text())
+    m[edit].reverse()
+    (cache / "manifest.json").write_text(json.dumps(m))
+    argv = ["search", "--cache", str(cache), "--out", str(tmp_path / "p.parquet"), "--local"]
+    assert main(argv) == 2
+    assert "its metadata no longer matches its cache_sha256" in capsys.readouterr().err
+    if edit == "heads":   # the repair the message names: shards verified and kept, the manifest rewritten
+        assert main(["cache", "--checkpoint", env["ckpt"], "--out", str(cache), "--shard-size", "2", "--resume",
+                     "--quiet"]) == 0
+        assert "(0 computed now" in capsys.readouterr().out
+        assert main(argv) == 0
 
 
 def test_remote_error_keeps_its_stack_in_the_log_it_names_or_with_debug(env, tmp_path, capsys):
