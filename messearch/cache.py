@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import stats
 from .cache_format import Manifest, cache_sha256, check_expected, read_manifest, shard_ok
 from .checkpoint import load_checkpoint, read_checkpoint
-from .data import build_dataset
+from .data import build_dataset, check_dataset
 from .devices import device_name
 from .errors import MessError
 from .files import atomic_path, atomic_write_text, sha256_file
@@ -170,6 +170,9 @@ def build_cache(checkpoint, data_spec: str | None, split: str, out_dir, actors: 
     ckpt_bytes = Path(checkpoint).read_bytes()      # actors get these bytes: remote nodes need no shared disk
     space = space_from_text(payload["space_text"], payload.get("space_source") or f"{checkpoint}:space")
     data_spec = data_spec or payload.get("data") or space.data
+    # Every file's header before Ray starts (as train does): a missing, unreadable or mis-sized file is named now,
+    # not as a remote error from an actor minutes later.
+    check_dataset(data_spec, split, space.num_classes)
     ds = build_dataset(data_spec, split, space.input_size, train=False, ignore_index=space.ignore_index,
                        num_classes=space.num_classes)
     if len(ds) == 0:
@@ -194,7 +197,7 @@ def build_cache(checkpoint, data_spec: str | None, split: str, out_dir, actors: 
     if todo:
         _run_pool(manifest, todo, ckpt_bytes, out_dir, actors, gpus_per_actor, address, progress, on_shard)
     manifest.complete = True
-    manifest.cache_sha256 = cache_sha256(manifest.shards)
+    manifest.cache_sha256 = cache_sha256(manifest)
     _write_manifest(out_dir, manifest)
     return manifest
 

@@ -34,7 +34,10 @@ QUICKSTART_SPACE = "quickstart"
 def _front_is_current(path: Path, ckpt_sha: str, cache_sha: str) -> bool:
     if not path.exists():
         return False
-    _, meta = read_front(path)
+    try:
+        _, meta = read_front(path)
+    except MessError:   # not a front this run can trust: search again (the new one replaces it atomically)
+        return False
     return meta.get("checkpoint_sha256") == ckpt_sha and meta.get("cache_sha256") == cache_sha
 
 
