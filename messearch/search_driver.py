@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from .cache_format import CacheArrays, load_cache
-from .config import tree_size
 from .costs import mac_table
 from .errors import MessError
 from .front import finish_front, rows_to_frame, write_front
@@ -32,39 +31,12 @@ from .profile import load_profile
 from .provenance import policy_record, reconcile_space
 from .ray_runtime import connect
 from .search import Prepared, evaluate_items, prepare, reference_rows
-from .search_spec import SearchSpec
+from .search_spec import SearchSpec, assign_shards, plan_items
 from .shard_front import FrontSink, block_rows, concat_rows
 from .space import load_space, space_from_text
 
 
 # ------------------------------------------------------------------------------------------ size and shards
-
-def plan_items(spec: SearchSpec) -> list[tuple]:
-    """Work items with their size: ("tree", t_root, first_position, n_configs), plus ("static", n) in single mode."""
-    p, h, t, k = len(spec.positions), len(spec.heads), len(spec.thresholds), int(spec.max_exits)
-    shared = spec.thresholds_mode == "shared"
-    items = []
-    for t_root in range(t):
-        for p1 in range(p):
-            items.append(("tree", t_root, p1, tree_size(p - 1 - p1, h, t, k, shared)))
-    if spec.mode == "single":
-        items.append(("static", p * h))
-    return items
-
-
-def assign_shards(items: list[tuple], n_shards: int) -> list[list[tuple]]:
-    """Longest-processing-time assignment of items to n_shards (deterministic)."""
-    n_shards = max(1, int(n_shards))
-    shards = [[] for _ in range(n_shards)]
-    load = [0] * n_shards
-    for item in sorted(items, key=lambda it: (-it[-1], it)):
-        i = min(range(n_shards), key=lambda j: (load[j], j))
-        shards[i].append(item)
-        load[i] += item[-1]
-    return shards
-
-
-# -------------------------------------------------------------------------------------------- in-process
 
 def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
     """A function writing rows to a Parquet dataset partitioned by n_exits (files named by shard)."""
