@@ -227,6 +227,13 @@ def _add_search(sub) -> None:
     p.add_argument("--force", action="store_true", help="search even a space estimated too large for this machine")
     p.add_argument("--local", action="store_true", help="run the shards in this process, without Ray")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="N",
+                   help="bootstrap resamples of the images for each front row's 90%% intervals (0: none; default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resamples and of the hold-out split (default 0)")
+    p.add_argument("--holdout", type=float, metavar="F",
+                   help="keep a share F of the cached images out of the search and report each row on them")
+    p.add_argument("--holdout-by", choices=("image", "group"), default="image",
+                   help="split images, or whole groups (file-name prefix: CamVid sequence, Cityscapes city)")
 
 
 def _run_search(args) -> int:
@@ -237,7 +244,10 @@ def _run_search(args) -> int:
                          max_gmacs=args.max_gmacs, max_latency_ms=_device_budget(args.max_latency_ms),
                          min_miou=args.min_miou, max_miou_drop_pp=args.max_miou_drop_pp, shards=args.shards,
                          keep_all=args.keep_all, resume=args.resume, force=args.force, address=args.address,
-                         local=args.local)
+                         local=args.local, bootstrap=args.bootstrap, seed=args.seed, holdout=args.holdout,
+                         holdout_by=args.holdout_by)
+    if args.bootstrap < 0:
+        raise MessError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 (none) or more")
     df = search_to_front(args.cache, args.out, opts, space_path=args.space)
     print(summary_line(df))
     print(f"wrote {args.out}")
