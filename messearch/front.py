@@ -144,7 +144,8 @@ def front_schema(latency_devices=()) -> pa.Schema:
 
 
 # How far to trust each row (messearch.trust), present when the search computed them.
-TRUST_FIELDS = {"miou_lo": pa.float64(), "miou_hi": pa.float64(), "gmacs_lo": pa.float64(), "gmacs_hi": pa.float64(),
+TRUST_FIELDS = {"miou_lo": pa.float64(), "miou_hi": pa.float64(), "delta_pp_lo": pa.float64(),
+                "delta_pp_hi": pa.float64(), "gmacs_lo": pa.float64(), "gmacs_hi": pa.float64(),
                 "holdout_miou": pa.float64(), "holdout_mean_gmacs": pa.float64(),
                 "holdout_exit_rates": pa.list_(pa.float64()), "near_threshold_share": pa.list_(pa.float64()),
                 "shift_mean_gmacs": pa.float64(), "fragile": pa.bool_()}

@@ -32,12 +32,16 @@ def test_intervals_contain_the_point_and_repeat_from_the_seed():
     a, meta = trust.annotate(front, cache, spec, macs, lat, resamples=50, seed=7)
     b, _ = trust.annotate(front, cache, spec, macs, lat, resamples=50, seed=7)
     c, _ = trust.annotate(front, cache, spec, macs, lat, resamples=50, seed=8)
-    cols = ["miou_lo", "miou_hi", "gmacs_lo", "gmacs_hi", "latency_ms_cpu_lo", "latency_ms_cpu_hi"]
+    cols = ["miou_lo", "miou_hi", "delta_pp_lo", "delta_pp_hi", "gmacs_lo", "gmacs_hi", "latency_ms_cpu_lo",
+            "latency_ms_cpu_hi"]
     pd.testing.assert_frame_equal(a[cols], b[cols])
     assert not a[cols].equals(c[cols])
     for v, lo, hi in (("miou", "miou_lo", "miou_hi"), ("mean_gmacs", "gmacs_lo", "gmacs_hi"),
-                      ("latency_ms_cpu", "latency_ms_cpu_lo", "latency_ms_cpu_hi")):
+                      ("latency_ms_cpu", "latency_ms_cpu_lo", "latency_ms_cpu_hi"),
+                      ("miou_delta_pp", "delta_pp_lo", "delta_pp_hi")):
         assert (a[lo] <= a[v]).all() and (a[v] <= a[hi]).all()
+    ref = a[a["is_reference"]].iloc[0]
+    assert ref["delta_pp_lo"] == ref["delta_pp_hi"] == 0.0   # paired with itself on every resample
     assert (a["miou_hi"] - a["miou_lo"] > 0).any()   # resampling 40 images does move mIoU
     assert '"seed": 7' in meta["bootstrap"] and '"resamples": 50' in meta["bootstrap"]
 
