@@ -21,8 +21,7 @@ import numpy as np
 
 from messearch import trust
 from messearch.cache_format import load_cache
-from messearch.costs import CostTable, mac_table
-from messearch.search import SearchSpec
+from messearch.costs import mac_table
 from messearch.search_driver import SearchOptions, search_local, search_spec_for
 from messearch.space import space_from_text
 
@@ -35,20 +34,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--tol", type=float, default=0.5)
     ap.add_argument("--bootstrap", type=int, default=200)
-    ap.add_argument("--spec-json", help="SearchSpec fields and --costs-json the MAC CostTable fields, for a cache whose "
-                                        "model this checkout does not know (e.g. another branch's space)")
-    ap.add_argument("--costs-json")
     args = ap.parse_args()
     cache = load_cache(args.cache)
-    if args.spec_json:
-        spec = SearchSpec(**json.loads(open(args.spec_json).read()))
-        d = json.loads(open(args.costs_json).read())
-        macs = CostTable(**{k: np.asarray(v) if isinstance(v, list) and k not in ("positions", "heads") else v
-                            for k, v in d.items()})
-    else:
-        space = space_from_text(cache.meta["space_text"], "cache")
-        spec = search_spec_for(space, SearchOptions())
-        macs = mac_table(space)
+    space = space_from_text(cache.meta["space_text"], "cache")
+    spec = search_spec_for(space, SearchOptions())
+    macs = mac_table(space)
     per = []
     # with groups, a seed only changes which groups are checked; a two-group cache has two distinct splits
     for seed in range(args.seeds):
