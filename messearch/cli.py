@@ -231,6 +231,13 @@ def _add_search(sub) -> None:
     p.add_argument("--force", action="store_true", help="search even a space estimated too large for this machine")
     p.add_argument("--local", action="store_true", help="run the shards in this process, without Ray")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="N",
+                   help="bootstrap resamples of the images for each front row's 90%% intervals (0: none; default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resamples and of the hold-out split (default 0)")
+    p.add_argument("--holdout", type=float, metavar="F",
+                   help="keep a share F of the cached images out of the search and report each row on them")
+    p.add_argument("--holdout-by", choices=("image", "group"), default="image",
+                   help="split images, or whole groups (file-name prefix: CamVid sequence, Cityscapes city)")
 
 
 def _run_search(args) -> int:
@@ -241,7 +248,10 @@ def _run_search(args) -> int:
                          max_gmacs=args.max_gmacs, max_latency_ms=_device_budget(args.max_latency_ms),
                          min_miou=args.min_miou, max_miou_drop_pp=args.max_miou_drop_pp, shards=args.shards,
                          keep_all=args.keep_all, resume=args.resume, force=args.force, address=args.address,
-                         local=args.local)
+                         local=args.local, bootstrap=args.bootstrap, seed=args.seed, holdout=args.holdout,
+                         holdout_by=args.holdout_by)
+    if args.bootstrap < 0:
+        raise MessError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 (none) or more")
     df = search_to_front(args.cache, args.out, opts, space_path=args.space)
     print(summary_line(df))
     print(f"wrote {args.out}")
@@ -255,6 +265,8 @@ def _add_query(sub) -> None:
     p.add_argument("--sort", default="mean_gmacs", help="column to sort by (default mean_gmacs)")
     p.add_argument("--descending", action="store_true")
     p.add_argument("--top", type=int, help="at most N rows")
+    p.add_argument("--robust", action="store_true",
+                   help="the mIoU drop must also hold for the 90%% lower bound and the hold-out mIoU; no fragile rows")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON records")
     fmt.add_argument("--csv", action="store_true", help="CSV")
@@ -265,7 +277,7 @@ def _run_query(args) -> int:
 
     rows = query_front(args.front, max_gmacs=args.max_gmacs, max_latency_ms=_device_budget(args.max_latency_ms),
                        min_miou=args.min_miou, max_miou_drop_pp=args.max_miou_drop_pp, sort=args.sort,
-                       descending=args.descending, top=args.top)
+                       descending=args.descending, top=args.top, robust=args.robust)
     if args.json:
         print(rows.to_json(orient="records"))
     elif args.csv:
@@ -294,6 +306,16 @@ def _add_pipeline_args(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--epochs", type=int, help="epochs of each training stage (default: the space's)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--robust", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose the cheapest row whose 90%% lower mIoU bound (and hold-out mIoU) is within 0.5 pp "
+                        "and whose cost holds under a 0.05 confidence shift (default: the plain rule)")
+    p.add_argument("--holdout", type=float, metavar="F", help="search on a share 1-F of val, check rows on F (search --holdout)")
+    p.add_argument("--holdout-by", choices=("image", "group"), default="image", help="as search --holdout-by")
+
+
+def _search_opts(args):
+    from .search_driver import SearchOptions
+    return SearchOptions(holdout=args.holdout, holdout_by=args.holdout_by)
 
 
 def _add_pipeline(sub) -> None:
@@ -307,7 +329,7 @@ def _run_pipeline(args) -> int:
     from .pipeline import format_summary_md, run_pipeline
 
     summary = run_pipeline(args.space, args.data, args.out, address=args.address, device=args.device, epochs=args.epochs,
-                           init_checkpoint=args.init_checkpoint)
+                           init_checkpoint=args.init_checkpoint, robust=args.robust, search_opts=_search_opts(args))
     print(format_summary_md(summary))
     return 0
 
@@ -325,7 +347,7 @@ def _run_quickstart(args) -> int:
     from .pipeline import QUICKSTART_SPACE, format_summary_md, run_pipeline
 
     summary = run_pipeline(str(QUICKSTART_SPACE), args.data, args.out, address=args.address, device=args.device,
-                           epochs=args.epochs)
+                           epochs=args.epochs, robust=args.robust, search_opts=_search_opts(args))
     print(format_summary_md(summary))
     print(f"results in {args.out}: pareto.parquet, pareto.png, model.pt, summary.md")
     return 0

@@ -146,9 +146,26 @@ def front_schema(latency_devices=()) -> pa.Schema:
     return pa.schema(fields)
 
 
-def latency_devices_of(df: pd.DataFrame) -> list[str]:
-    """Device names of the latency_ms_<device> columns of a front."""
-    return [c[len("latency_ms_"):] for c in df.columns if c.startswith("latency_ms_")]
+# How far to trust each row (messearch.trust), present when the search computed them.
+TRUST_FIELDS = {"miou_lo": pa.float64(), "miou_hi": pa.float64(), "delta_pp_lo": pa.float64(),
+                "delta_pp_hi": pa.float64(), "gmacs_lo": pa.float64(), "gmacs_hi": pa.float64(),
+                "holdout_miou": pa.float64(), "holdout_mean_gmacs": pa.float64(),
+                "holdout_exit_rates": pa.list_(pa.float64()), "near_threshold_share": pa.list_(pa.float64()),
+                "shift_mean_gmacs": pa.float64(), "fragile": pa.bool_()}
+
+
+def _trust_fields(df: pd.DataFrame, devices) -> list:
+    fields = [(c, t) for c, t in TRUST_FIELDS.items() if c in df.columns]
+    return fields + [(f"latency_ms_{d}_{s}", pa.float64()) for d in devices for s in ("lo", "hi")
+                     if f"latency_ms_{d}_{s}" in df.columns]
+
+
+def latency_devices_of(df) -> list[str]:
+    """Device names of the latency_ms_<device> columns of a front (a DataFrame, Series or column names);
+    the interval columns latency_ms_<device>_lo/_hi are not devices."""
+    cols = list(df.index if isinstance(df, pd.Series) else getattr(df, "columns", df))
+    lat = [c for c in cols if str(c).startswith("latency_ms_")]
+    return [c[len("latency_ms_"):] for c in lat if not (c[-3:] in ("_lo", "_hi") and c[:-3] in lat)]
 
 
 def write_front(df: pd.DataFrame, path, metadata: dict) -> None:
@@ -156,7 +173,9 @@ def write_front(df: pd.DataFrame, path, metadata: dict) -> None:
     missing = [c for c in BASE_COLUMNS if c not in df.columns]
     if missing:
         raise MessError(f"front is missing columns {missing}; pareto.parquet needs {BASE_COLUMNS}")
-    schema = front_schema(latency_devices_of(df))
+    devices = latency_devices_of(df)
+    schema = front_schema(devices)
+    schema = pa.schema(list(schema) + [pa.field(c, t) for c, t in _trust_fields(df, devices)])
     table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
     meta = {"schema_version": SCHEMA_VERSION, "writer": f"messearch {__version__}"}
     meta.update({str(k): "" if v is None else str(v) for k, v in metadata.items()})
@@ -215,8 +234,8 @@ def read_front(path) -> tuple[pd.DataFrame, dict]:
 
 def _latency_column(df: pd.DataFrame, device: str) -> str:
     col = f"latency_ms_{device}"
-    if col not in df.columns:
-        have = [c[len("latency_ms_"):] for c in df.columns if c.startswith("latency_ms_")]
+    have = latency_devices_of(df)
+    if device not in have:
         raise MessError(f"the front has no latency for device {device!r}; profiled devices: {have or 'none'}")
     return col
 

@@ -34,6 +34,7 @@ from .search import Prepared, evaluate_items, prepare, reference_rows
 from .search_spec import SearchSpec, assign_shards, plan_items
 from .shard_front import FrontSink, block_rows, concat_rows
 from .space import load_space, space_from_text
+from . import trust
 
 
 # ------------------------------------------------------------------------------------------ size and shards
@@ -251,6 +252,10 @@ class SearchOptions:
     force: bool = False
     address: str | None = None
     local: bool = False   # run the shards in this process, without Ray (machines without Ray)
+    bootstrap: int = 200              # resamples of the front rows' intervals (0: none); see messearch.trust
+    seed: int = 0                     # of the resamples and of the hold-out split
+    holdout: float | None = None      # share of the cached images kept out of the search, to check its rows
+    holdout_by: str = "image"         # image | group (file-name prefix: CamVid sequence, Cityscapes city)
 
 
 def search_spec_for(space, opts: SearchOptions, policy=None):
@@ -275,6 +280,9 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
     (thresholds, max_exits, mode), or the policy's bins by an exact conversion (provenance.reconcile_space)."""
     opts = opts or SearchOptions()
     cache = load_cache(cache_dir)
+    check, trust_meta = None, {}
+    if opts.holdout is not None:   # the front is formed on the search part; its rows are checked on the rest
+        cache, check, trust_meta = trust.split_cache(cache, opts.holdout, opts.holdout_by, opts.seed)
     cached_space = space_from_text(cache.meta["space_text"],
                                    cache.meta.get("space_source") or f"{cache_dir} (space of the cache)")
     space, policy, conversion = cached_space, cached_space.policy, ""
@@ -302,6 +310,8 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
         storage = Path(out).resolve().parent / "tune"
         df = run_search(cache, spec, macs, latencies, shards=opts.shards, address=opts.address,
                         keep_all_dir=keep_all_dir, resume=opts.resume, storage_path=str(storage), force=opts.force)
+    df, more = trust.annotate(df, cache, spec, macs, latencies, check=check, resamples=opts.bootstrap, seed=opts.seed)
+    trust_meta.update(more)
     meta = {
         "space_text": space.text, "space_source": space.source,
         "checkpoint_sha256": cache.meta.get("checkpoint_sha256", ""), "cache_sha256": cache.meta.get("cache_sha256", ""),
@@ -312,7 +322,7 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
         "data": cache.meta.get("data", ""), "split": cache.meta.get("split", ""),
         "n_images": cache.n_images, "n_evaluated": df.attrs.get("n_evaluated", ""),
         "seconds": f"{df.attrs.get('seconds', time.perf_counter() - t0):.3f}",
-        "profiles": json.dumps(device_names), "keep_all_dir": str(keep_all_dir or ""),
+        "profiles": json.dumps(device_names), "keep_all_dir": str(keep_all_dir or ""), **trust_meta,
     }
     write_front(df, out, meta)
     return df
