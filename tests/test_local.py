@@ -137,3 +137,47 @@ def test_every_stage_without_ray_and_local_cache_equals_ray_cache(tmp_path, ray_
     again = build_cache(d / "mess.pt", None, "val", d / "cache", shard_size=4, resume=True, local=True, progress=False)
     assert again.recomputed == [1] and again.cache_sha256 == manifest.cache_sha256
     assert "latency_ms_cpu" in front.columns and front["is_reference"].sum() == 1
+
+
+def _tiny_camvid(root: Path, n: int = 4) -> Path:
+    """A CamVid-layout folder of n train and n val images (48x64 blocks of colour, 11 classes and void)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        lines = []
+        for i in range(n):
+            label = np.kron(rng.integers(0, 12, (6, 8)), np.ones((8, 8), np.int64)).astype(np.uint8)
+            image = (rng.integers(0, 40, (48, 64, 3)) + label[..., None] * 18).astype(np.uint8)
+            Image.fromarray(image).save(root / split / f"{i}.jpg", quality=95)
+            Image.fromarray(label).save(root / f"{split}annot" / f"{i}.png")
+            lines.append(f"{split}/{i}.jpg {split}annot/{i}.png\n")
+        (root / f"{split}.txt").write_text("".join(lines))
+    return root
+
+
+def test_gpu_suite_smoke_runs_every_phase_without_ray(tmp_path):
+    """benchmarks/gpu_suite.py --smoke: the device run's code path, on the CPU at a tiny size, where ray is absent."""
+    data = _tiny_camvid(tmp_path / "camvid")
+    out = tmp_path / "suite.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--device", "cpu",
+                           "--data", f"camvid:{data}", "--out", str(out)], env=_no_ray_env(tmp_path),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["complete"] and not r["ray_imported"] and "failed_phase" not in r
+    assert list(r["phases"]) == ["probe", "train", "cache", "profile_search", "export_evaluate"]
+    assert r["phases"]["train"]["epochs_run"] == [1, 1]
+    cache = r["phases"]["cache"]
+    assert cache["batch1"]["images"] == 4 and cache["batch1"]["exits"] == 4 * 2 + 1
+    f = r["figures"]
+    for key in ("cache_vs_plain_ratio", "stage2_vs_plain_step", "stage2_vs_heads_one_at_a_time"):
+        assert f[key]["value"] > 0 and isinstance(f[key]["met"], bool)
+    assert 0 <= f["original_val_miou"] <= 1 and f["best_speedup_within_0.5pp"]["value"] >= 1
+    # CPU, batch 1, one thread for the cache and the evaluation: the exported row measures the front exactly.
+    assert f["best_speedup_within_0.5pp"]["exact"], f["best_speedup_within_0.5pp"]
+    assert f["latency_ms"]["chosen_measured"] > 0 and f["latency_ms"]["original_measured"] > 0
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ray_imported"] is False
