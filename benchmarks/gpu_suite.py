@@ -351,7 +351,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-epochs", type=int, default=None, help="cap on each stage's epochs (default 200; smoke 1)")
     ap.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (default none; smoke 2)")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default min(8, CPUs - 2); smoke 0)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default torch's; smoke 1: on a busy CPU, threads that wait on each other "
+                         "spin, and two threads ran a tiny forward 15x slower than one)")
     a = ap.parse_args(argv)
+    if a.threads or a.smoke:
+        torch.set_num_threads(a.threads or 1)
     s = SMOKE if a.smoke else {}
     a.budget_s = a.budget_s or s.get("budget_s", 420.0)
     a.batch = a.batch or s.get("batch", 8)
@@ -383,7 +388,7 @@ def main(argv=None) -> int:
     n_val = len(build_dataset(a.data, "val", space.input_size, num_classes=space.num_classes))
     rep = Report(out_json, {
         "smoke": a.smoke, "device": str(dev), "device_name": device_name(dev), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "load_avg_start": [round(v, 2) for v in os.getloadavg()],
+        "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_start": [round(v, 2) for v in os.getloadavg()],
         "budget_s": a.budget_s, "space": space.name, "model": space.model, "input_size": list(space.input_size),
         "candidate_exits": len(space.positions) * len(space.heads), "data": a.data, "val_images": n_val,
         "work": str(work)})
