@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -48,7 +49,7 @@ from train_stage2_speed import step_times  # noqa: E402
 
 from messearch.data import build_dataset  # noqa: E402
 from messearch.model import MESSNetwork  # noqa: E402
-from messearch.profile import device_name  # noqa: E402
+from messearch.devices import device_name, exact_numerics  # noqa: E402
 from messearch.space import space_from_text  # noqa: E402
 from messearch.train_stages import Runtime  # noqa: E402
 
@@ -128,11 +129,12 @@ def suite_space(args, epochs=(1, 1)):
 
 
 def _exact_numerics(device: torch.device, exact: bool = True) -> None:
-    """Exact: the cache and the evaluation run the same kernels (no autotuning, deterministic cuDNN); else training's
-    fast settings (autotuning on, as `messearch train` sets it)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not exact
-        torch.backends.cudnn.deterministic = exact
+    """Exact: devices.exact_numerics (what the cache and evaluate set themselves); else training's fast settings
+    (autotuning on, as `messearch train` sets it, deterministic off)."""
+    if exact:
+        exact_numerics(device)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
 
 
 def probe(args, space, dev):
@@ -206,7 +208,7 @@ def plan_training(args, space, steps: dict, elapsed: float, n_val: int) -> dict:
 
 def space_configs(space) -> int:
     """The number of configurations the search evaluates (shared threshold)."""
-    from messearch.space import count_configs
+    from messearch.config import count_configs
 
     return count_configs(len(space.positions), len(space.heads), len(space.thresholds), space.max_exits, "shared",
                          space.mode)
@@ -250,7 +252,8 @@ def cache_phase(args, ckpt, dev, out: Path):
     """The cache at batch 1 (what the exported model measures exactly) and at batch B (the fast pass), compared."""
     import numpy as np
 
-    from messearch.cache import build_cache, load_cache
+    from messearch.cache import build_cache
+    from messearch.cache_format import load_cache
 
     _exact_numerics(dev)
     rec = {}
@@ -259,8 +262,8 @@ def cache_phase(args, ckpt, dev, out: Path):
         m = build_cache(ckpt, args.data, "val", out / f"cache_{name}", batch_size=batch, local=True, device=str(dev),
                         progress=False)
         s = time.perf_counter() - t
-        rec[name] = {"seconds": round(s, 2), "images_per_s": round(m["n_images"] / s, 2), "batch_size": batch,
-                     "cache_sha256": m["cache_sha256"], "exits": len(m["exits"]), "images": m["n_images"]}
+        rec[name] = {"seconds": round(s, 2), "images_per_s": round(m.n_images / s, 2), "batch_size": batch,
+                     "cache_sha256": m.cache_sha256, "exits": len(m.exits), "images": m.n_images}
     a, b = load_cache(out / "cache_batch1"), load_cache(out / f"cache_batch{args.cache_batch}")
     differ = (a.tp != b.tp).any(-1) | (a.pred != b.pred).any(-1) | (a.conf_mean != b.conf_mean) \
         | (a.n_above != b.n_above).any(-1)
@@ -272,7 +275,7 @@ def cache_phase(args, ckpt, dev, out: Path):
 
 def search_phase(args, dev, out: Path):
     """Profile every piece on the device, then the exhaustive search in this process (no Ray)."""
-    from messearch.pipeline import SearchOptions, search_to_front
+    from messearch.search_driver import SearchOptions, search_to_front
     from messearch.profile import profile_latency
 
     kind = "cuda" if dev.type == "cuda" else "cpu"
@@ -294,8 +297,7 @@ def export_evaluate(args, dev, out: Path):
     """Export the cheapest row within 0.5 pp; measure it and the original model at batch 1 (and batch B)."""
     from messearch.evaluate import evaluate
     from messearch.export import export_model
-    from messearch.front import cheapest_within, speedup_at_equal_accuracy
-    from messearch.pareto import read_front
+    from messearch.front import cheapest_within, read_front, speedup_at_equal_accuracy
 
     front, _ = read_front(out / "pareto.parquet")
     ref = front[front["is_reference"]].iloc[0]
@@ -326,8 +328,9 @@ def export_evaluate(args, dev, out: Path):
         "original_val_miou": float(ref["miou"]),
         "best_speedup_within_0.5pp": {"value": speedup_at_equal_accuracy(front, TOL_PP), "row": chosen["config_id"],
                                       "exact": all(exact.values()), "exact_fields": exact,
-                                      "rule": "cache and evaluation at batch 1, fp32, on the same device type, "
-                                              "deterministic cuDNN without autotuning; one CPU thread on CPU"},
+                                      "rule": "cache and evaluation at batch 1, fp32 weights and inputs, on the same "
+                                              "device type, deterministic cuDNN without autotuning "
+                                              "(devices.exact_numerics); on a CPU with the cache's thread count"},
         "gpu_latency_ms" if dev.type == "cuda" else "latency_ms": {
             "chosen_measured": m["latency_ms_median"], "original_measured": o["latency_ms_median"],
             "measured_speedup": o["latency_ms_median"] / m["latency_ms_median"],
@@ -371,7 +374,13 @@ def main(argv=None) -> int:
     a.val_images_per_epoch = 0 if a.smoke else 24   # per-epoch validation on a few images; the cache covers all val
     out_json = Path(a.out).resolve()
     work = Path(a.work) if a.work else out_json.with_name(out_json.stem + "_work")
+    if work.exists() and any(work.iterdir()):
+        if not (work / ".gpu_suite").exists():
+            print(f"error: --work {work}: not empty and not a gpu_suite folder; choose another", file=sys.stderr)
+            return 2
+        shutil.rmtree(work)   # a fresh run: the last run's checkpoint and caches would be resumed, not measured
     work.mkdir(parents=True, exist_ok=True)
+    (work / ".gpu_suite").write_text("files of one benchmarks/gpu_suite.py run; the next run deletes them\n")
     src = Path(a.data.split(":", 1)[1]) if a.data else CAMVID
     if (a.data and not a.data.startswith("camvid:")) or not all((src / f).exists() for f in ("train.txt", "val.txt")):
         print(f"error: --data {a.data or CAMVID}: expected camvid:PATH to a CamVid folder with train.txt and val.txt",

@@ -28,7 +28,7 @@ from . import stats
 from .cache_format import Manifest, cache_sha256, check_expected, read_manifest, shard_ok
 from .checkpoint import load_checkpoint, read_checkpoint
 from .data import build_dataset, check_dataset
-from .devices import device_name, parse_device
+from .devices import device_name, exact_numerics, parse_device
 from .errors import MessError
 from .files import atomic_path, atomic_write_text, sha256_file
 from .ray_runtime import connect
@@ -53,6 +53,8 @@ def cache_batch(net, images: torch.Tensor, masks: torch.Tensor, n_bins: int, fus
     size = images.shape[-2:]
     feats, taps = net.forward_features(images)
     n_exits = len(net.exits)
+    if fused:   # the mask's one check (a host sync); the chunks' statistics then stay on the device
+        stats.check_batch(images, masks, space.num_classes, space.ignore_index)
     # Exits in chunks, so that only a few full-resolution logit maps are alive at once.
     per_chunk = max(1, FUSE_ELEMENTS // max(1, images.shape[0] * size[0] * size[1] * (n_bins + 1)))
     parts = []
@@ -62,7 +64,8 @@ def cache_batch(net, images: torch.Tensor, masks: torch.Tensor, n_bins: int, fus
         if idx[-1] == n_exits:
             logits.append(net.final(taps, size))
         parts.append(stats.batch_statistics(logits, masks, space.num_classes, space.ignore_index, n_bins, fused,
-                                           keep_confusion))
+                                           keep_confusion, check=not fused))
+    # One host copy per statistic per batch (not per exit or chunk).
     out = {k: torch.cat([p[k] for p in parts], dim=1).cpu().numpy() for k in parts[0] if k != "gt"}
     out["gt"] = parts[0]["gt"].cpu().numpy()
     out["n_pixels"] = np.full(images.shape[0], size[0] * size[1], dtype=np.int64)
@@ -76,6 +79,7 @@ class CacheWorker:
 
     def __init__(self, checkpoint_bytes: bytes, data_spec: str, split: str, device: str):
         self.device = torch.device(device)
+        exact_numerics(self.device)
         net, space, _ = load_checkpoint(io.BytesIO(checkpoint_bytes))
         self.net = net.to(self.device)
         self.space = space

@@ -20,7 +20,7 @@ from .checkpoint import FORMAT as CKPT_FORMAT
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import build_dataset, class_names
-from .devices import device_name, parse_device
+from .devices import device_name, exact_numerics, parse_device
 from .errors import MessError
 from .export import export_config, is_torchscript_file, load_exported
 from .export_meta import ExportMeta
@@ -129,6 +129,7 @@ def _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progr
     if batch_size < 1:
         raise MessError(f"batch size {batch_size} must be >= 1")
     dev = parse_device(device)
+    exact_numerics(dev)   # the cache's kernels: what makes the measured figures equal the front's
     model = model.to(dev).eval()
     ds = build_dataset(data_spec, split, tuple(meta.input_size), train=False, ignore_index=meta.ignore_index,
                        num_classes=meta.num_classes)

@@ -129,7 +129,7 @@ def train(space, data_spec: str | None, out_dir, stage: str = "both", epochs: in
         return run_ray(plan, gpus, address)
     dev = torch.device(device)
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False   # fast, not exact
     return run_plan(plan, Runtime(device=dev, progress=progress), on_epoch_end=on_epoch_end)
 
 
