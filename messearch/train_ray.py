@@ -37,8 +37,6 @@ def _worker(config: dict) -> None:
 
 def run_ray(plan, workers: int, address: str | None = None) -> Path:
     """Train `plan` on `workers` Ray Train workers (GPUs if this machine or cluster has them, else CPU slots)."""
-    from .ray_runtime import connect
-
     ray = connect(address, what="`messearch train --gpus N` (Ray Train)", instead="train in this process without --gpus")
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
