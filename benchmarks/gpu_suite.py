@@ -192,8 +192,9 @@ def plan_training(args, space, steps: dict, elapsed: float, n_val: int) -> dict:
                + n_val * plain_img * 12                      # evaluate: two models at batch 1, 3 repeats; batch B
                + 20.0)                                       # model builds, export, files
     left = args.budget_s - elapsed - reserve
-    epoch1 = per_epoch * steps["stage1_step_s"] * 1.15 + val_batches * steps["frozen_forward_s"] * 1.5 + 1.0
-    epoch2 = per_epoch * steps["stage2_step_s"] * 1.15 + val_batches * steps["stage2_step_s"] * 0.7 + 1.0
+    fixed = 1.0 + 0.3 * args.workers   # each epoch starts its loaders' worker processes anew (train and val)
+    epoch1 = per_epoch * steps["stage1_step_s"] * 1.15 + val_batches * steps["frozen_forward_s"] * 1.5 + fixed
+    epoch2 = per_epoch * steps["stage2_step_s"] * 1.15 + val_batches * steps["stage2_step_s"] * 1.0 + fixed
     t1, t2 = left * (1 - args.stage2_share), left * args.stage2_share
     e1 = max(1, min(args.max_epochs, int(t1 // epoch1)))
     e2 = max(1, min(args.max_epochs, int(t2 // epoch2)))
