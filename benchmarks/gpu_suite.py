@@ -313,6 +313,7 @@ def export_evaluate(args, dev, out: Path):
     o = evaluate(str(out / "train" / "mess.pt"), args.data, "val", batch_size=1, **kw)
     mb = evaluate(str(model), args.data, "val", batch_size=args.cache_batch, compare_batch1=True, **kw)
     s = time.perf_counter() - t
+    m, o, mb = m.to_json(), o.to_json(), mb.to_json()   # EvaluationResult -> the JSON keys `evaluate --json` prints
     exact = {k: bool(m[k] == chosen[k]) if k != "exit_rates" else list(m[k]) == list(chosen[k])
              for k in ("miou", "pixel_acc", "mean_gmacs", "exit_rates")}
     row = {"config_id": chosen["config_id"], "positions": list(chosen["positions"]), "heads": list(chosen["heads"]),
@@ -323,6 +324,7 @@ def export_evaluate(args, dev, out: Path):
            "miou", "pixel_acc", "mean_gmacs", "exit_rates", "latency_ms_median", "latency_ms_p90")},
            "measured_batchB": {k: mb.get(k) for k in ("batch_size", "miou", "latency_ms_median", "n_pixels_differ",
                                                       "n_exits_differ", "max_abs_logit_diff")},
+           "device_name": m["device_name"], "timer": m["timer"],
            "original_batch1": {k: o[k] for k in ("miou", "mean_gmacs", "latency_ms_median", "latency_ms_p90")},
            "images_per_s_batch1": round(1e3 / m["latency_ms_mean"], 2)}
     figures = {
