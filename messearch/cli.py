@@ -49,7 +49,7 @@ def _run_info(args) -> int:
 
 
 def _add_cache(sub) -> None:
-    p = sub.add_parser("cache", help="Ray actors cache exact per-exit statistics of a split; resumable")
+    p = sub.add_parser("cache", help="Ray actors (or this process: --local) cache exact per-exit statistics; resumable")
     p.add_argument("--checkpoint", required=True, help="the MESS checkpoint (DIR/mess.pt)")
     p.add_argument("--data", default=None, help="data spec (default: the checkpoint's), e.g. synthetic or camvid:PATH")
     p.add_argument("--split", default="val")
@@ -61,6 +61,11 @@ def _add_cache(sub) -> None:
     p.add_argument("--keep-confusion", action="store_true", help="also keep every (image, exit) confusion matrix")
     p.add_argument("--resume", action="store_true", help="continue or verify a cache: keep verified shards, redo the rest")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--local", action="store_true",
+                   help="no Ray: the same worker runs every shard in this process (same manifest, resume and hashes)")
+    p.add_argument("--device", default=None, help="with --local: cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="with --local: torch CPU threads (default 1, as a Ray actor: the same CPU rounding)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -69,10 +74,14 @@ def _run_cache(args) -> int:
 
     from .cache import DEFAULT_SHARD_SIZE, build_cache
 
+    if args.device and not args.local:
+        raise MessError(f"--device {args.device}: only with --local (Ray actors take a GPU each when the cluster "
+                        f"has GPUs; see --gpus-per-actor)")
     m = build_cache(args.checkpoint, args.data, args.split, args.out, actors=args.actors,
                     gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, resume=args.resume,
                     keep_confusion=args.keep_confusion, address=args.address,
-                    shard_size=args.shard_size or DEFAULT_SHARD_SIZE, progress=not args.quiet)
+                    shard_size=args.shard_size or DEFAULT_SHARD_SIZE, progress=not args.quiet, local=args.local,
+                    device=args.device, threads=args.threads)
     size = sum((Path(args.out) / s["file"]).stat().st_size for s in m.shards)
     print(f"cache {args.out}: {m.n_images} images x {len(m.exits)} exits ({len(m.exits) - 1} candidates + final), "
           f"{m.num_classes} classes, {len(m.shards)} shards ({len(m.recomputed)} computed now, "

@@ -86,7 +86,7 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     timings["train"] = time.perf_counter() - t
     ckpt_sha = sha256_file(ckpt)
 
-    connect(address)
+    connect(address, what="`messearch pipeline` (Ray actors and Ray Tune)")
     cache_dir = out / "cache"
     t = time.perf_counter()
     try:

@@ -3,25 +3,41 @@
 A local Ray that messearch starts is its own to end: `shutdown_own` shuts it down and then ends every process
 that still carries this run's tag in its environment (Ray's agents can outlive an interrupted start-up or
 shutdown). A cluster joined by address, or a Ray the caller started, is never touched.
+
+Ray is imported here and in the Ray-only code paths alone, lazily: `import messearch` and every command that
+does not need Ray run where Ray is not installed, and a command that does need it says so in one line.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
+
+from .errors import MessError
 
 RUN_TAG_ENV = "MESSEARCH_RAY_RUN"
 _own_tag: str | None = None     # set when this process started a local Ray
 
 
-def connect(address: str | None = None, num_cpus: int | None = None):
+def require_ray(what: str, instead: str = ""):
+    """The `ray` module; a MessError naming `what` needs it (and what to do `instead`) when Ray is not installed."""
+    try:
+        import ray
+    except ImportError as e:
+        alt = f", or {instead}" if instead else ""
+        raise MessError(f"{what} needs Ray, which this Python ({sys.executable}) cannot import ({e}); "
+                        f"install it with `pip install 'ray[tune]'`{alt}") from None
+    return ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, what: str = "this command", instead: str = ""):
     """Initialise Ray once: join `address` / RAY_ADDRESS when given, else start a local Ray; return the module."""
     global _own_tag
-    import ray
-
+    ray = require_ray(what, instead)
     if ray.is_initialized():
         return ray
     before = signal.getsignal(signal.SIGTERM)

@@ -163,10 +163,9 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     Reuses a running Ray; otherwise joins `address` / RAY_ADDRESS, or starts a local Ray. df.attrs holds
     n_evaluated and seconds. resume=True continues the run stored at storage_path/name (Tuner.restore).
     """
-    import ray
-    from ray import tune
     t0 = time.perf_counter()
-    connect(address)
+    ray = connect(address, what="`messearch search` (Ray Tune)", instead="search in this process with --local")
+    from ray import tune
     cores = int(ray.cluster_resources().get("CPU", 1))
     prep = prepare(cache, spec, macs, latencies)   # validates everything before any trial starts
     items = plan_items(spec)
