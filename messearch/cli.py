@@ -56,18 +56,13 @@ def _add_cache(sub) -> None:
 
 
 def _run_cache(args) -> int:
-    from pathlib import Path
-
     from .cache import DEFAULT_SHARD_SIZE, build_cache
 
     m = build_cache(args.checkpoint, args.data, args.split, args.out, actors=args.actors,
                     gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, resume=args.resume,
                     keep_confusion=args.keep_confusion, address=args.address,
                     shard_size=args.shard_size or DEFAULT_SHARD_SIZE, progress=not args.quiet)
-    size = sum((Path(args.out) / s["file"]).stat().st_size for s in m.shards)
-    print(f"cache {args.out}: {m.n_images} images x {len(m.exits)} exits ({len(m.exits) - 1} candidates + final), "
-          f"{m.num_classes} classes, {len(m.shards)} shards ({len(m.recomputed)} computed now, "
-          f"{len(m.retries)} retried), {size / 1e6:.2f} MB; cache_sha256 {m.cache_sha256[:12]}")
+    print(m.format_summary(args.out))
     return 0
 
 
