@@ -16,5 +16,7 @@ def connect(address: str | None = None, num_cpus: int | None = None):
         # Joining a cluster: resources are the cluster's own, so num_cpus must not be passed.
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # "local": always a new Ray of our own. Without it ray.init() joins any Ray it finds running on this
+        # machine (another user's, another test session's), and refuses num_cpus.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return ray
