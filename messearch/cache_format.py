@@ -94,6 +94,13 @@ class Manifest:
             raise MessError(f"{where}: the cache manifest lacks {missing}; rebuild the cache with `messearch cache`")
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def format_summary(self, out_dir) -> str:
+        """One line for the end of `messearch cache`: images, exits, shards (computed now, retried), size, hash."""
+        size = sum((Path(out_dir) / s["file"]).stat().st_size for s in self.shards if s)
+        return (f"cache {out_dir}: {self.n_images} images x {len(self.exits)} exits ({len(self.exits) - 1} candidates "
+                f"+ final), {self.num_classes} classes, {len(self.shards)} shards ({len(self.recomputed)} computed now, "
+                f"{len(self.retries)} retried), {size / 1e6:.2f} MB; cache_sha256 {str(self.cache_sha256)[:12]}")
+
     def meta(self) -> dict:
         """Everything but the shard records, as CacheArrays.meta."""
         return {k: v for k, v in self.to_dict().items() if k != "shards"}

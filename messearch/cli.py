@@ -70,8 +70,6 @@ def _add_cache(sub) -> None:
 
 
 def _run_cache(args) -> int:
-    from pathlib import Path
-
     from .cache import DEFAULT_SHARD_SIZE, build_cache
 
     if args.device and not args.local:
@@ -82,10 +80,7 @@ def _run_cache(args) -> int:
                     keep_confusion=args.keep_confusion, address=args.address,
                     shard_size=args.shard_size or DEFAULT_SHARD_SIZE, progress=not args.quiet, local=args.local,
                     device=args.device, threads=args.threads)
-    size = sum((Path(args.out) / s["file"]).stat().st_size for s in m.shards)
-    print(f"cache {args.out}: {m.n_images} images x {len(m.exits)} exits ({len(m.exits) - 1} candidates + final), "
-          f"{m.num_classes} classes, {len(m.shards)} shards ({len(m.recomputed)} computed now, "
-          f"{len(m.retries)} retried), {size / 1e6:.2f} MB; cache_sha256 {m.cache_sha256[:12]}")
+    print(m.format_summary(args.out))
     return 0
 
 
