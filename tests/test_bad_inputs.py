@@ -65,7 +65,7 @@ def env(tmp_path_factory, ray_local):
     """Paths of the good inputs: space, data, checkpoint, cache and front."""
     from messearch.cache import build_cache
     from messearch.checkpoint import save_checkpoint
-    from messearch.model import build_mess_network
+    from messearch.weights import build_mess_network
     from messearch.space import space_from_text
 
     root = tmp_path_factory.mktemp("bad_inputs")
@@ -75,10 +75,14 @@ def env(tmp_path_factory, ray_local):
     net = build_mess_network(space_from_text(SPACE, str(root / "space.yaml")))
     with torch.no_grad():   # sharpen every classifier: confidences spread, so the front has cascades, not only the reference
         for m in list(net.heads) + [net.base.classifier]:
-            [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)][-1].weight.mul_(30.0)
+            [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)][-1].weight.mul_(1000.0)
     save_checkpoint(root / "mess.pt", net, f"camvid:{camvid}")
     build_cache(root / "mess.pt", None, "val", root / "cache", actors=1, shard_size=2, progress=False)
     assert main(["search", "--cache", str(root / "cache"), "--out", str(root / "pareto.parquet"), "--local"]) == 0
+    from messearch.front import read_front
+
+    # The "same front" checks below compare cascades too, not only the reference row.
+    assert (read_front(root / "pareto.parquet")[0]["kind"] == "cascade").any()
     (root / "afile").write_text("a file, not a folder\n")
     return {"root": str(root), "space": str(root / "space.yaml"), "data": f"camvid:{camvid}", "camvid": str(camvid),
             "ckpt": str(root / "mess.pt"), "cache": str(root / "cache"), "front": str(root / "pareto.parquet"),
