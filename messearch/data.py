@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data_folder import FolderDataset
+from .data_folder import FolderDataset, read_classes
 from .data_formats import FORMATS
-from .data_synthetic import SyntheticDataset, parse_synthetic
+from .data_synthetic import SyntheticDataset, class_names, parse_synthetic
 from .dataset import SegDataset
 from .errors import DataError
 
@@ -71,6 +71,26 @@ def build_dataset(spec: str, split: str, input_size, train: bool = False, ignore
     _check_num_classes(getattr(ds, "classes_file", kind), ds.num_classes, num_classes)
     return ds
 
+
+
+def dataset_class_names(spec: str, num_classes: int) -> list[str]:
+    """The class names of data set `spec` without reading its images (a folder's from its classes file, when it is
+    here); `class_<i>` when the spec does not fix them or their number differs from `num_classes`."""
+    try:
+        kind, arg = parse_spec(spec)
+    except DataError:
+        kind, arg = None, None
+    names: list[str] = []
+    if kind == "synthetic":
+        names = class_names(arg.classes or num_classes)
+    elif kind == "folder":
+        try:
+            names = list(read_classes(arg).names)
+        except DataError:  # exported away from the data: generic names
+            names = []
+    elif kind in FORMATS:
+        names = list(FORMATS[kind].CLASS_NAMES)
+    return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
 
 
 def _check_num_classes(kind: str, have: int, want: int | None) -> None:

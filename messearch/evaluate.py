@@ -17,25 +17,30 @@ from . import stats
 from .checkpoint import FORMAT as CKPT_FORMAT
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import build_dataset
+from .data import build_dataset, dataset_class_names
 from .devices import parse_device
 from .errors import MessError
 from .export import export_config, is_torchscript_file, load_exported
 from .files import load_weights_only, sha256_file
+from .onnx_export import OnnxCascadeModule
 
 FRONT_KEYS = ("miou", "pixel_acc", "exit_rates", "mean_gmacs", "latency_ms_median", "latency_ms_p90")
 
 
 def load_model(path):
-    """An exported model file, or a MESS checkpoint (mess.pt) as its reference model (backbone + final head)."""
+    """An exported model file, an ONNX export folder (run by ONNX Runtime), or a MESS checkpoint (mess.pt) as its
+    reference model (backbone + final head)."""
+    if Path(path).is_dir():
+        return OnnxCascadeModule(path)
     if not Path(path).is_file():
         raise MessError(f"{path}: model file not found")
     if not is_torchscript_file(path):
         payload = load_weights_only(path, "exported model or MESS checkpoint")
         if isinstance(payload, dict) and payload.get("format") == CKPT_FORMAT:
-            net, space, _ = load_checkpoint(path)
+            net, space, extra = load_checkpoint(path)
             prov = {"config_id": "reference", "checkpoint": str(path), "checkpoint_sha256": sha256_file(path)}
-            return export_config(net, space, Config("reference"), prov)
+            names = dataset_class_names(extra.get("data", ""), space.num_classes)
+            return export_config(net, space, Config("reference"), prov, class_names=names)
     return load_exported(path)
 
 

@@ -26,6 +26,8 @@ from . import __version__, stats
 from .checkpoint import load_checkpoint
 from .config import KINDS, Config
 from .costs import mac_table, unit_macs
+from .data import dataset_class_names
+from .dataset import preprocessing
 from .errors import MessError
 from .files import atomic_path, atomic_write_bytes, load_weights_only, sha256_file
 from .front import read_front
@@ -205,11 +207,14 @@ def check_config(space: Space, config: Config, exits: list[tuple[str, str]]) -> 
         raise MessError(f"exit positions {list(config.positions)} must be distinct and in depth order")
 
 
-def export_config(net, space: Space, config: Config, provenance: dict | None = None, policy=None) -> DynamicExitModel:
+def export_config(net, space: Space, config: Config, provenance: dict | None = None, policy=None,
+                  class_names: list[str] | None = None) -> DynamicExitModel:
     """The pruned dynamic-exit model of `config` (copies of the modules it uses; `net` is left untouched).
 
-    `policy` (a PolicySpec, default the space's) is the exit policy the search assumed.
+    `policy` (a PolicySpec, default the space's) is the exit policy the search assumed; `class_names` (default
+    class_<i>) and the preprocessing go into the metadata so a deployer can feed the model from the file alone.
     """
+
     check_config(space, config, [tuple(e) for e in net.exits])
     policy = policy or space.policy
     names = [u.name for u in net.units]
@@ -246,7 +251,9 @@ def export_config(net, space: Space, config: Config, provenance: dict | None = N
     meta = {"space_text": space.text, "space_source": space.source, "config": config.to_dict(),
             "policy": _policy_dict(policy), "costs": costs, "provenance": dict(provenance or {}),
             "exits": [list(e) for e in zip(config.positions, config.heads)], "num_classes": space.num_classes,
-            "ignore_index": space.ignore_index, "input_size": list(size), "model": space.model}
+            "ignore_index": space.ignore_index, "input_size": list(size), "model": space.model,
+            "preprocessing": preprocessing(size),
+            "class_names": list(class_names or [f"class_{i}" for i in range(space.num_classes)])}
     model = DynamicExitModel(stages, final, final_macs, config.n_exits, space.num_classes, config.kind == "static",
                              policy.kind, -1 if policy.pixel_threshold_bin is None else policy.pixel_threshold_bin,
                              policy.n_bins, meta)
@@ -271,7 +278,8 @@ def save_exported(model: DynamicExitModel, path, torchscript: bool = False) -> s
         return str(path)
     payload = {"format": FORMAT, "space_text": model.meta["space_text"], "space_source": model.meta["space_source"],
                "config": model.meta["config"], "policy": model.meta["policy"], "costs": model.meta["costs"],
-               "provenance": model.meta["provenance"], "versions": {"messearch": __version__, "torch": str(torch.__version__)},
+               "provenance": model.meta["provenance"], "preprocessing": model.meta["preprocessing"],
+               "class_names": model.meta["class_names"], "versions": {"messearch": __version__, "torch": str(torch.__version__)},
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -328,7 +336,7 @@ def load_exported(path, map_location="cpu"):
     policy = PolicySpec(kind=pol["kind"], pixel_threshold=None if pb is None else pb / nb, n_bins=nb)
     with torch.device("meta"):  # build the skeleton without allocating or initialising weights
         net = MESSNetwork(space, exits=list(zip(config.positions, config.heads)))
-        model = export_config(net, space, config, payload["provenance"], policy)
+        model = export_config(net, space, config, payload["provenance"], policy, payload.get("class_names"))
     try:
         model.load_state_dict(payload["state_dict"], strict=True, assign=True)
     except RuntimeError as e:
@@ -361,7 +369,7 @@ def build_export(checkpoint, front_path, config_id: str) -> DynamicExitModel:
         raise MessError(f"config id {config_id!r} is not in {front_path} ({len(ids)} rows; e.g. {', '.join(ids[:5])})")
     row = rows.iloc[0]
     config = Config.from_row(row)
-    net, space, _ = load_checkpoint(checkpoint)
+    net, space, extra = load_checkpoint(checkpoint)
     policy = space.policy
     if meta.get("space_text"):  # the search's own space file holds the policy it assumed
         policy = space_from_text(meta["space_text"], f"{front_path}:space").policy
@@ -369,7 +377,8 @@ def build_export(checkpoint, front_path, config_id: str) -> DynamicExitModel:
                                                                "speedup", "miou_delta_pp") or k.startswith("latency_ms_")}
     provenance = {"config_id": config_id, "checkpoint": str(checkpoint), "checkpoint_sha256": sha,
                   "front": str(front_path), "cache_sha256": meta.get("cache_sha256", ""), "predicted": predicted}
-    return export_config(net, space, config, provenance, policy)
+    names = dataset_class_names(extra.get("data", ""), space.num_classes)
+    return export_config(net, space, config, provenance, policy, names)
 
 
 def export_model(checkpoint, front_path, config_id: str, out, torchscript: bool = False) -> str:
