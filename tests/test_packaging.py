@@ -15,7 +15,8 @@ import pytest
 
 from messearch.cli import main
 from messearch.errors import SpaceError
-from messearch.space import builtin_spaces, count_configs, load_space
+from messearch.config import count_configs
+from messearch.space import builtin_spaces, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.stem for p in (ROOT / "messearch" / "spaces").glob("*.yaml"))
