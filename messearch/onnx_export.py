@@ -109,7 +109,8 @@ def export_onnx(model, out_dir, opset: int = OPSET) -> Path:
         if exit_id is None:
             entry["final_macs"] = int(model.final_macs)
         else:
-            entry.update(exit_name="/".join(meta["exits"][exit_id]), threshold=float(stages[-1].threshold), head_macs=int(stages[-1].head_macs))
+            entry.update(exit_name="/".join(meta["exits"][exit_id]), threshold=float(stages[-1].threshold),
+                         head_macs=int(stages[-1].head_macs))
             with torch.no_grad():
                 res = wrapper(x)
             x = res[2]
