@@ -26,7 +26,7 @@ from messearch.cache import cache_batch, shard_table
 from messearch.costs import mac_table
 from messearch.devices import device_name
 from messearch.data import build_dataset
-from messearch.model import build_mess_network
+from messearch.weights import build_mess_network
 from messearch.space import load_space
 
 

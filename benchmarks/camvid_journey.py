@@ -1,10 +1,12 @@
 """The whole journey on real images: CamVid, thresholds and configurations chosen on val.
 
-CPU (reduced):  python benchmarks/camvid_journey.py --space messearch/spaces/camvid_resnet18.yaml --out results/camvid_cpu
+CPU (from scratch, about 45 min of training on two cores):
+                nice -n 10 python benchmarks/camvid_journey.py --space camvid_lraspp_resnet18 --out results/camvid_cpu
 GPU (full):     python benchmarks/camvid_journey.py --space messearch/spaces/camvid_deeplabv3_resnet50.yaml --device cuda --out results/camvid_r50
 
-Prints one JSON line: the reference's mIoU, the front's best speed-up at <= 0.5 pp mIoU loss, the best mIoU gain at
-no more than the reference's cost, the chosen row's measured figures and the stage times. Uses the same pipeline
+Prints one JSON line: the original model's val mIoU after each stage-1 epoch (the learning curve), the
+reference's mIoU, the front's best speed-up at <= 0.5 pp mIoU loss, the best mIoU gain at no more than the
+reference's cost, the single exits' mIoU per stage, the chosen row's measured figures and the stage times. Uses the same pipeline
 as `messearch pipeline` (Ray for the cache and the search).
 """
 
@@ -23,7 +25,7 @@ CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--space", default="messearch/spaces/camvid_resnet18.yaml")
+    ap.add_argument("--space", default="camvid_lraspp_resnet18")
     ap.add_argument("--data", default=f"camvid:{CAMVID}")
     ap.add_argument("--out", default="results/camvid_cpu")
     ap.add_argument("--device", default="cpu")
@@ -40,6 +42,7 @@ def main() -> None:
         "best_speedup_within_0.5pp": speedup_at_equal_accuracy(front, 0.5),
         "best_miou_gain_pp_at_reference_cost": float(best["miou_delta_pp"]) if best is not None else 0.0,
         "chosen": summary["chosen"], "measured": summary.get("measured"), "exact": summary.get("exact"),
+        "learning_curve": summary.get("learning_curve"), "exits": summary.get("exits"),
         "timings_s": summary["timings_s"],
     }))
 

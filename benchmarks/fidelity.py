@@ -38,7 +38,7 @@ from messearch.evaluate import evaluate, load_model
 from messearch.config import Config
 from messearch.export import build_export
 from messearch.files import sha256_file
-from messearch.model import build_mess_network
+from messearch.weights import build_mess_network
 from messearch.front import read_front, write_front
 from messearch.space import load_space
 
@@ -82,7 +82,7 @@ def direct_cache(ckpt, data: str, split: str) -> CacheArrays:
 
 def build_run(out: Path, images: int, train: bool) -> None:
     """A quickstart-size run in `out`: mess.pt, pareto.parquet (and cache/ when messearch.cache builds one)."""
-    from messearch.search import SearchSpec
+    from messearch.search_spec import SearchSpec
     from messearch.search_driver import evaluate_configs, search_local
 
     out.mkdir(parents=True, exist_ok=True)
@@ -248,24 +248,24 @@ def main(argv=None) -> int:
     for cid in picks:
         row = df[df["config_id"] == cid].iloc[0]
         model = build_export(ckpt, front, cid)
-        cfg = Config.from_dict(model.meta["config"])
+        cfg = model.meta.config
         r = evaluate(model, data, split, warmup=0, progress=False, threads=args.threads)
         lat, lat_ref = paired_latency(model, ref_model, xs, args.repeat)
         pred_rates = [float(v) for v in row["exit_rates"]]
         pred_lat = float(row[lat_cols[0]]) if lat_cols else predicted_latency(table, cfg, pred_rates)
-        exact = {k: r[k] == (pred_rates if k == "exit_rates" else float(row[k]))
+        exact = {k: getattr(r, k) == (pred_rates if k == "exit_rates" else float(row[k]))
                  for k in ("miou", "pixel_acc", "exit_rates", "mean_gmacs")}
-        pred_saving = 1.0 - float(row["mean_gmacs"]) / ref["mean_gmacs"]
+        pred_saving = 1.0 - float(row["mean_gmacs"]) / ref.mean_gmacs
         wall_saving = 1.0 - lat / lat_ref
         rec = {
             "config_id": cid, "kind": cfg.kind, "n_exits": cfg.n_exits,
             "exits": [f"{p}/{h}@{t:g}" for p, h, t in zip(cfg.positions, cfg.heads, cfg.thresholds)],
             "predicted": {"miou": float(row["miou"]), "pixel_acc": float(row["pixel_acc"]), "exit_rates": pred_rates,
                           "mean_gmacs": float(row["mean_gmacs"]), "latency_ms": round(pred_lat, 3)},
-            "measured": {"miou": r["miou"], "pixel_acc": r["pixel_acc"], "exit_rates": r["exit_rates"],
-                         "mean_gmacs": r["mean_gmacs"], "latency_ms": round(lat, 3),
-                         "latency_ms_median_1pass": round(r["latency_ms_median"], 3),
-                         "latency_ms_p90_1pass": round(r["latency_ms_p90"], 3), "reference_latency_ms": round(lat_ref, 3)},
+            "measured": {"miou": r.miou, "pixel_acc": r.pixel_acc, "exit_rates": r.exit_rates,
+                         "mean_gmacs": r.mean_gmacs, "latency_ms": round(lat, 3),
+                         "latency_ms_median_1pass": round(r.latency_ms_median, 3),
+                         "latency_ms_p90_1pass": round(r.latency_ms_p90, 3), "reference_latency_ms": round(lat_ref, 3)},
             "exact": exact,
             "latency_rel_err": round(lat / pred_lat - 1.0, 4),
             # the same with both sides relative to the reference model (cancels a uniform slow-down of the machine)
@@ -281,10 +281,10 @@ def main(argv=None) -> int:
         if rec["saving_ratio"] is not None:
             summary["saving_rows"] += 1
             summary["saving_ratio_ge_0.8"] += rec["saving_ratio"] >= 0.8
-    summary.update({"summary": True, "pool": args.pool, "images": ref["n_images"], "data": data, "split": split,
+    summary.update({"summary": True, "pool": args.pool, "images": ref.n_images, "data": data, "split": split,
                     "threads": args.threads, "repeat": args.repeat,
                     "latency_source": lat_cols[0] if lat_cols else "per-piece profile (this benchmark)",
-                    "predicted_reference_latency_ms": round(pred_ref_lat, 3), "reference_gmacs": ref["mean_gmacs"],
+                    "predicted_reference_latency_ms": round(pred_ref_lat, 3), "reference_gmacs": ref.mean_gmacs,
                     "loadavg_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()})
     print(json.dumps(summary))
     return 0

@@ -51,20 +51,20 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per image and model")
     a = ap.parse_args()
     run = Path(a.run)
-    config_id = a.config_id or load_exported(run / "model.pt").meta["provenance"]["config_id"]
+    config_id = a.config_id or load_exported(run / "model.pt").meta.provenance["config_id"]
     torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
     model = build_export(run / "mess.pt", run / "pareto.parquet", config_id)
     meta = model.meta
-    data = a.data or space_from_text(meta["space_text"], meta["space_source"]).data
+    data = a.data or space_from_text(meta.space_text, meta.space_source).data
     with tempfile.TemporaryDirectory() as tmp:
         ts_path = save_exported(model, Path(tmp) / "model.ts", torchscript=True)
         t0 = time.perf_counter()
         folder = export_onnx(model, Path(tmp) / "onnx")
         export_s = time.perf_counter() - t0
         cascade = Cascade(folder, threads=a.threads)
-        ds = build_dataset(data, a.split, tuple(meta["input_size"]), ignore_index=meta["ignore_index"],
-                           num_classes=meta["num_classes"])
+        ds = build_dataset(data, a.split, tuple(meta.input_size), ignore_index=meta.ignore_index,
+                           num_classes=meta.num_classes)
         images = [ds[i][0] for i in range(len(ds))]
         fid = compare_with_onnx(model, cascade, images)
         r_torch = evaluate(model, data, a.split, warmup=1, progress=False, threads=a.threads)
@@ -80,15 +80,15 @@ def main() -> int:
                 lat_onnx.append(_time(cascade, x[None].numpy(), a.repeat))
     ts_med, onnx_med = statistics.median(lat_ts), statistics.median(lat_onnx)
     print(json.dumps({
-        "benchmark": "onnx_runtime", "run": str(run), "config_id": config_id, "kind": meta["config"]["kind"],
-        "exits": [f"{p}/{h}@{t:g}" for p, h, t in zip(*(meta["config"][k] for k in ("positions", "heads", "thresholds")))],
+        "benchmark": "onnx_runtime", "run": str(run), "config_id": config_id, "kind": meta.config.kind,
+        "exits": [f"{p}/{h}@{t:g}" for p, h, t in zip(meta.config.positions, meta.config.heads, meta.config.thresholds)],
         "data": data, "split": a.split, "n_images": fid["n_images"], "threads": a.threads, "repeat": a.repeat,
         "n_exits_differ": fid["n_exits_differ"], "n_pixels_differ": fid["n_pixels_differ"],
         "max_abs_logit_diff": fid["max_abs_logit_diff"], "max_confidence_diff": fid["max_confidence_diff"],
         "min_threshold_margin": fid["min_threshold_margin"], "decisions_robust": fid["decisions_robust"],
-        "miou_torch": r_torch["miou"], "miou_onnx": r_onnx["miou"], "miou_equal": r_torch["miou"] == r_onnx["miou"],
-        "exit_rates_torch": r_torch["exit_rates"], "exit_rates_onnx": r_onnx["exit_rates"],
-        "mean_gmacs": r_onnx["mean_gmacs"], "onnx_export_s": round(export_s, 2),
+        "miou_torch": r_torch.miou, "miou_onnx": r_onnx.miou, "miou_equal": r_torch.miou == r_onnx.miou,
+        "exit_rates_torch": r_torch.exit_rates, "exit_rates_onnx": r_onnx.exit_rates,
+        "mean_gmacs": r_onnx.mean_gmacs, "onnx_export_s": round(export_s, 2),
         "latency_ms_median_torchscript": round(ts_med, 3), "latency_ms_median_onnx": round(onnx_med, 3),
         "onnx_over_torchscript": round(onnx_med / ts_med, 3),
         "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],

@@ -13,6 +13,7 @@ Ray Tune (Ray start timed apart, then search to Parquet written), the evaluator'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -25,7 +26,7 @@ import numpy as np
 from messearch.cache_format import CacheArrays
 from messearch.front import write_front
 from messearch.costs import CostTable as Costs
-from messearch.search import SearchSpec
+from messearch.search_spec import SearchSpec
 from messearch.search_driver import run_search
 
 POSITIONS = [f"backbone.layer{l}.{b}" for l, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for b in range(n)]
@@ -126,7 +127,8 @@ SPECS = {
 def search_once(cache: CacheArrays, spec: SearchSpec, macs: Costs, shards: int, workdir: str) -> dict:
     """One search through Ray Tune (Ray already started) to Parquet written: its figures."""
     t0 = time.perf_counter()
-    df = run_search(cache, spec, macs, shards=shards, storage_path=os.path.join(workdir, "tune"), verbose=False)
+    with contextlib.redirect_stdout(sys.stderr):   # Tune's tables; stdout keeps the one JSON line
+        df = run_search(cache, spec, macs, shards=shards, storage_path=os.path.join(workdir, "tune"), verbose=False)
     write_front(df, os.path.join(workdir, "pareto.parquet"), {"mode": spec.mode, "thresholds": spec.thresholds_mode})
     seconds = time.perf_counter() - t0
     n = df.attrs["n_evaluated"]

@@ -38,6 +38,17 @@ def _small_resnet_model(kind: str, depth: int, num_classes: int, aux: bool) -> n
     return tvseg.FCN(backbone, FCNHead(512, num_classes), aux_head)
 
 
+def _small_resnet_lraspp(depth: int, num_classes: int, aux: bool) -> nn.Module:
+    """LR-ASPP (torchvision's LRASPP) on ResNet-18/34: layer4 at output stride 16 as above, plus layer1's
+    stride-4 features as the low-level branch, so the final head keeps object boundaries that an 8x8 map
+    at 128x128 loses. LR-ASPP has no auxiliary classifier; `aux` is ignored, as for the MobileNet variant."""
+    r = {18: resnet.resnet18, 34: resnet.resnet34}[depth](weights=None)
+    r.layer4[0].conv1.stride = (1, 1)
+    r.layer4[0].downsample[0].stride = (1, 1)
+    backbone = IntermediateLayerGetter(r, return_layers={"layer1": "low", "layer4": "high"})
+    return tvseg.LRASPP(backbone, low_channels=64, high_channels=512, num_classes=num_classes, inter_channels=128)
+
+
 def _torchvision(builder):
     def build(num_classes: int, aux: bool) -> nn.Module:
         return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux)
@@ -61,6 +72,7 @@ MODELS = {
     "deeplabv3_resnet34": lambda nc, aux: _small_resnet_model("deeplabv3", 34, nc, aux),
     "fcn_resnet18": lambda nc, aux: _small_resnet_model("fcn", 18, nc, aux),
     "fcn_resnet34": lambda nc, aux: _small_resnet_model("fcn", 34, nc, aux),
+    "lraspp_resnet18": lambda nc, aux: _small_resnet_lraspp(18, nc, aux),
 }
 
 # torchvision's published weights, for the cost check against their recorded GFLOPS (never downloaded).

@@ -15,6 +15,8 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="a space file's positions, heads, GMACs and number of configurations")
     p.add_argument("space", help=SPACE_HELP)
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="override the space's input size")
+    p.add_argument("--images", type=int, default=500, help="cached validation images the search time is estimated for")
+    p.add_argument("--no-estimate", action="store_true", help="skip measuring the search time (about 2 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -34,7 +36,10 @@ def _run_spaces(args) -> int:
 def _run_info(args) -> int:
     from .info import space_info, format_info
 
-    info = space_info(args.space, tuple(args.input_size) if args.input_size else None)
+    if args.images < 1:
+        raise MessError(f"--images {args.images} must be at least 1")
+    info = space_info(args.space, tuple(args.input_size) if args.input_size else None, args.images,
+                      not args.no_estimate)
     print(json.dumps(info) if args.json else format_info(info))
     return 0
 
@@ -109,23 +114,13 @@ def _run_export(args) -> int:
     if not args.out and not args.onnx:
         raise MessError("export needs --out FILE, --onnx DIR, or both")
     model = build_export(args.checkpoint, args.front, args.config_id)
-    written = []
-    if args.out:
-        written.append(save_exported(model, args.out, torchscript=args.torchscript)
-                       + (" (TorchScript)" if args.torchscript else ""))
+    path = save_exported(model, args.out, torchscript=args.torchscript) if args.out else None
+    folder = None
     if args.onnx:
         from .onnx_export import export_onnx
 
         folder = export_onnx(model, args.onnx)
-        written.append(f"{folder}/ (ONNX, {len(list(folder.glob('stage*.onnx')))} stage graphs + cascade.json)")
-    from .config import Config
-
-    meta = model.meta
-    cfg, costs = meta["config"], meta["costs"]
-    exits = Config.from_dict(cfg).exits_text()
-    print(f"exported {args.config_id} ({cfg['kind']}; exits: {exits}; final head "
-          f"{'kept' if cfg['kind'] != 'static' else 'pruned'}) to {' and '.join(written)}; "
-          f"reference {costs['reference'] / 1e9:.3f} GMACs")
+    print(model.meta.format_summary(path, args.torchscript, folder))
     return 0
 
 
@@ -146,11 +141,11 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from .evaluate import evaluate, format_result, json_result
+    from .evaluate import evaluate
 
     r = evaluate(args.model or args.checkpoint, args.data, args.split, device=args.device, batch_size=args.batch_size,
                  warmup=args.warmup, progress=not args.json, compare_batch1=args.compare_batch1, threads=args.threads)
-    print(json.dumps(json_result(r)) if args.json else format_result(r))
+    print(json.dumps(r.to_json()) if args.json else r.format_summary())
     return 0
 
 

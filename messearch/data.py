@@ -19,35 +19,51 @@ from pathlib import Path
 
 from .data_folder import FolderDataset, read_classes
 from .data_formats import FORMATS
-from .data_synthetic import SyntheticDataset, class_names, parse_synthetic
+from .data_synthetic import SyntheticDataset, parse_synthetic
+from .data_synthetic import class_names as synthetic_class_names
 from .dataset import SegDataset
 from .errors import DataError
 
 FORMAT_NAMES = ("synthetic", "camvid", "cityscapes", "voc", "coco", "ade20k", "folder")
-SPEC_HELP = ("synthetic[:SEED[:N[:MIX]]], camvid:PATH, cityscapes:PATH, voc:PATH, coco:PATH, ade20k:PATH "
-             "or folder:PATH")
-# Every on-disk format by its spec prefix; `folder` is the user's own layout.
-FILE_FORMATS = {**FORMATS, "folder": FolderDataset}
+SPEC_HELP = ("synthetic[:SEED[:N[:MIX]]], camvid:PATH, cityscapes:PATH, voc:PATH, coco:PATH, ade20k:PATH or folder:PATH")
 
 
 def parse_spec(spec: str):
-    """Split a data spec into (kind, arg): arg is a SyntheticSpec for synthetic, else the root Path."""
+    """Split a data spec into (format name, arg): arg is a SyntheticSpec for synthetic, else the root Path."""
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"data spec {spec!r} is empty; expected {SPEC_HELP}")
     spec = spec.strip()
-    kind, sep, arg = spec.partition(":")
-    if kind == "synthetic":
-        return kind, parse_synthetic(spec)
-    if kind not in FORMAT_NAMES:
-        raise DataError(f"data spec {spec!r}: unknown kind {kind!r}; expected {SPEC_HELP}")
+    fmt, sep, arg = spec.partition(":")
+    if fmt == "synthetic":
+        return fmt, parse_synthetic(spec)
+    if fmt not in FORMAT_NAMES:
+        raise DataError(f"data spec {spec!r}: unknown format {fmt!r}; expected {SPEC_HELP}")
     if not sep or not arg.strip():
-        raise DataError(f"data spec {spec!r}: {kind} needs a folder, as {kind}:PATH")
-    return kind, Path(arg.strip()).expanduser()
+        raise DataError(f"data spec {spec!r}: {fmt} needs a folder, as {fmt}:PATH")
+    return fmt, Path(arg.strip()).expanduser()
 
 
-def _check_split(kind: str, split: str, allowed: tuple[str, ...]) -> None:
+def class_names(spec: str, num_classes: int) -> list[str]:
+    """The class names of the data set `spec` names, without reading its images (a folder's from its classes file
+    when it is here); `class_k` where a format has none or their number is not `num_classes`."""
+    try:
+        fmt, arg = parse_spec(spec)
+    except DataError:
+        fmt = None
+    if fmt == "synthetic":
+        return synthetic_class_names(num_classes)
+    names = list(FORMATS[fmt].CLASS_NAMES) if fmt in FORMATS else []
+    if fmt == "folder":
+        try:
+            names = list(read_classes(arg).names)
+        except DataError:  # exported away from the data: generic names
+            names = []
+    return names if len(names) == num_classes else [f"class_{k}" for k in range(num_classes)]
+
+
+def _check_split(fmt: str, split: str, allowed: tuple[str, ...]) -> None:
     if split not in allowed:
-        raise DataError(f"split {split!r} is not available for {kind}; allowed: {', '.join(allowed)}")
+        raise DataError(f"split {split!r} is not available for {fmt}; allowed: {', '.join(allowed)}")
 
 
 def build_dataset(spec: str, split: str, input_size, train: bool = False, ignore_index: int = 255,
@@ -57,45 +73,28 @@ def build_dataset(spec: str, split: str, input_size, train: bool = False, ignore
     `num_classes` (the space's) sets the synthetic class count unless the spec says `classes=`; for
     the on-disk formats it must equal the format's count.
     """
-    kind, arg = parse_spec(spec)
-    if kind == "synthetic":
-        _check_split(kind, split, ("train", "val", "test"))
+    fmt, arg = parse_spec(spec)
+    if fmt == "synthetic":
+        _check_split(fmt, split, ("train", "val", "test"))
         classes = arg.classes
         if classes is not None and num_classes is not None and classes != num_classes:
             raise DataError(f"data spec {spec!r} has classes={classes} but the space has num_classes={num_classes}")
         return SyntheticDataset(arg, split, input_size, train, ignore_index, classes or num_classes)
-    cls = FILE_FORMATS[kind]
-    _check_split(kind, split, cls.SPLITS)
-    _check_num_classes(kind, cls.NUM_CLASSES, num_classes)
+    cls = _format(fmt)
+    _check_split(fmt, split, cls.SPLITS)
+    _check_num_classes(fmt, cls.NUM_CLASSES, num_classes)
     ds = cls(arg, split, input_size, train, ignore_index)
-    _check_num_classes(getattr(ds, "classes_file", kind), ds.num_classes, num_classes)
+    _check_num_classes(getattr(ds, "classes_file", fmt), ds.num_classes, num_classes)
     return ds
 
 
-
-def dataset_class_names(spec: str, num_classes: int) -> list[str]:
-    """The class names of data set `spec` without reading its images (a folder's from its classes file, when it is
-    here); `class_<i>` when the spec does not fix them or their number differs from `num_classes`."""
-    try:
-        kind, arg = parse_spec(spec)
-    except DataError:
-        kind, arg = None, None
-    names: list[str] = []
-    if kind == "synthetic":
-        names = class_names(arg.classes or num_classes)
-    elif kind == "folder":
-        try:
-            names = list(read_classes(arg).names)
-        except DataError:  # exported away from the data: generic names
-            names = []
-    elif kind in FORMATS:
-        names = list(FORMATS[kind].CLASS_NAMES)
-    return names if len(names) == num_classes else [f"class_{i}" for i in range(num_classes)]
+def _format(fmt: str):
+    return FolderDataset if fmt == "folder" else FORMATS[fmt]
 
 
-def _check_num_classes(kind: str, have: int, want: int | None) -> None:
+def _check_num_classes(fmt: str, have: int, want: int | None) -> None:
     if want is not None and have and want != have:  # have = 0: the count is known once the data set is read
-        raise DataError(f"the space has num_classes={want} but {kind} has {have} classes")
+        raise DataError(f"the space has num_classes={want} but {fmt} has {have} classes")
 
 
 def check_dataset(spec: str, split: str, num_classes: int | None = None, deep: bool = False) -> dict:
@@ -105,14 +104,14 @@ def check_dataset(spec: str, split: str, num_classes: int | None = None, deep: b
     readable header, image and label sizes agree and label maps are single-channel. `deep=True` also
     decodes every file (truncation, label values outside the classes), as loading an item would.
     """
-    kind, arg = parse_spec(spec)
-    if kind == "synthetic":
+    fmt, arg = parse_spec(spec)
+    if fmt == "synthetic":
         ds = build_dataset(spec, split, (8, 8), num_classes=num_classes)
-        return {"kind": kind, "split": split, "images": len(ds), "num_classes": ds.num_classes}
-    cls = FILE_FORMATS[kind]
-    _check_split(kind, split, cls.SPLITS)
-    _check_num_classes(kind, cls.NUM_CLASSES, num_classes)
+        return {"format": fmt, "split": split, "images": len(ds), "num_classes": ds.num_classes}
+    cls = _format(fmt)
+    _check_split(fmt, split, cls.SPLITS)
+    _check_num_classes(fmt, cls.NUM_CLASSES, num_classes)
     ds = cls(arg, split, (8, 8), False, 255)
-    _check_num_classes(getattr(ds, "classes_file", kind), ds.num_classes, num_classes)
+    _check_num_classes(getattr(ds, "classes_file", fmt), ds.num_classes, num_classes)
     ds.check(deep=deep)
-    return {"kind": kind, "split": split, "images": len(ds), "num_classes": ds.num_classes}
+    return {"format": fmt, "split": split, "images": len(ds), "num_classes": ds.num_classes}

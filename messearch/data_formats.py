@@ -118,19 +118,23 @@ class FileDataset(SegDataset):
         return img, self.load_label(i, (img.shape[1], img.shape[0]))
 
     def check(self, deep: bool = False) -> None:
-        """Open every file's header (sizes agree, label single-channel); `deep` decodes everything."""
+        """Open every file's header (check_header); `deep` decodes every item instead, as loading it would."""
         for i in range(len(self)):
             if deep:
                 self.load(i)
-                continue
-            size, _ = _header(self.images[i], "image")
-            lsize, mode = _header(self.labels[i], "label")
-            if mode not in _LABEL_MODES:
-                raise DataError(f"{self.labels[i]}: label map has mode {mode}; expected a single-channel "
-                                f"index image (mode L or P)")
-            if lsize != size:
-                raise DataError(f"{self.labels[i]}: label map is {lsize[0]}x{lsize[1]} but its image "
-                                f"{self.images[i]} is {size[0]}x{size[1]}")
+            else:
+                self.check_header(i)
+
+    def check_header(self, i: int) -> None:
+        """Item i's image and label headers: sizes agree, the label is single-channel."""
+        size, _ = _header(self.images[i], "image")
+        lsize, mode = _header(self.labels[i], "label")
+        if mode not in _LABEL_MODES:
+            raise DataError(f"{self.labels[i]}: label map has mode {mode}; expected a single-channel "
+                            f"index image (mode L or P)")
+        if lsize != size:
+            raise DataError(f"{self.labels[i]}: label map is {lsize[0]}x{lsize[1]} but its image "
+                            f"{self.images[i]} is {size[0]}x{size[1]}")
 
 
 def _table(mapping: dict[int, int]) -> np.ndarray:
@@ -380,16 +384,12 @@ class COCO(FileDataset):
         target[count > 1] = IGNORE
         return target
 
-    def check(self, deep: bool = False) -> None:
-        """Every image opens with the size the annotation file gives; `deep` decodes and rasterises all."""
-        for i in range(len(self)):
-            if deep:
-                self.load(i)
-                continue
-            size, _ = _header(self.images[i], "image")
-            if size != self.shapes[self.images[i]]:
-                raise DataError(f"{self.images[i]}: image is {size[0]}x{size[1]} but its annotation file says "
-                                f"{self.shapes[self.images[i]][0]}x{self.shapes[self.images[i]][1]}")
+    def check_header(self, i: int) -> None:
+        """Image i opens with the size the annotation file gives (the masks are rasterised from it)."""
+        size, _ = _header(self.images[i], "image")
+        if size != self.shapes[self.images[i]]:
+            raise DataError(f"{self.images[i]}: image is {size[0]}x{size[1]} but its annotation file says "
+                            f"{self.shapes[self.images[i]][0]}x{self.shapes[self.images[i]][1]}")
 
 FORMATS = {"camvid": CamVid, "cityscapes": Cityscapes, "voc": VOC, "coco": COCO, "ade20k": ADE20K}
 assert len(ADE20K.CLASS_NAMES) == 150

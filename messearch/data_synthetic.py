@@ -18,15 +18,18 @@ from a low-discrepancy sequence over the mix (so any prefix has close to the req
 changing N never changes image i); its hardness h in [0, 1] is drawn inside the level's third.
 
 What h controls (easy h -> 0, hard h -> 1):
-- objects: typically 2-4 large ones that never touch (easy, h < 1/3; about 28% of the pixels) ...
-  6-18 small ones (radius about half of the easy ones) that overlap and occlude freely (h >= 2/3);
-- colour: each class has its own hue; the probability that an object is painted in its class hue
-  falls from 1 (every easy scene) to 0 (h>0.8), after which its two colours are drawn from the hues of random
-  classes, so colour says nothing about the class;
-- texture and shape carry class identity at every level (each class has a fixed stripe/checker/dot
-  pattern with an orientation and period, and a shape); texture contrast grows with h;
-- background: plain grey (every easy scene) ... a smooth two-colour field in class hues (hard);
+- objects: 2-3 large ones (radius 0.2-0.3 of the image side) that never touch (easy, h < 1/3) ... 3-5 a little
+  smaller (0.8x) that overlap partly (hard), large against the 16-pixel cells of a deep feature map; every class has its own shape (disc, square, triangle, cross, cycled);
+- colour: each class has its own hue; every object is painted in its class hue up to h = 0.8, then the
+  probability falls to 1/3 (h = 1); otherwise its two colours come from random classes;
+- texture: each class has a stripe/checker/dot pattern (orientation, period); up to h = 0.55 an object carries
+  its class's texture, beyond that more and more often another class's (a distractor; h >= 0.85 always);
+  texture contrast grows with h;
+- background: plain grey (every easy scene) ... blended (up to 60%) with a smooth two-colour field in class hues;
+- camouflage: a random colour offset per block of about S/6 pixels (sigma 0 on easy scenes, up to 0.25 when
+  h = 1), so that a small neighbourhood's colour misleads and only a view of the whole object averages it out;
 - Gaussian pixel noise with sigma 0.15 * h**1.5 (below 0.03 for easy scenes).
+So colour solves easy scenes with a shallow feature; hard scenes need a large receptive field (depth).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ LEVELS = ("easy", "medium", "hard")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 DEFAULT_COUNTS = {"train": 512, "val": 128, "test": 128}
 DEFAULT_CLASSES = 8
-_SHAPES = ("disc", "square", "triangle", "diamond")
+_SHAPES = ("disc", "square", "triangle", "cross")
 # (pattern, orientation in degrees, period kind); ordered so the first classes differ the most.
 _TEXTURES = [
     ("stripes", 0, "fine"), ("checker", 0, "fine"), ("stripes", 90, "fine"), ("dots", 0, "fine"),
@@ -227,8 +230,9 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, a: float, b: float) ->
         return ua * ua + vb * vb <= 1.0
     if shape == "square":
         return (np.abs(u) <= a * 0.85) & (np.abs(v) <= b * 0.85)
-    if shape == "diamond":
-        return np.abs(u) / a + np.abs(v) / b <= 1.0
+    if shape == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= a) & (av <= 0.35 * b)) | ((au <= 0.35 * a) & (av <= b))
     # Equilateral triangle with circumradius a: inside all three half-planes.
     inside = np.ones(u.shape, dtype=bool)
     for nx, ny in _TRIANGLE_NORMALS:
@@ -252,7 +256,7 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
     grey = np.float32(rng.uniform(0.42, 0.58))
     # Channel-first while rendering: numpy broadcasts a [3, 1, 1] colour far faster than a trailing 3.
     img = np.full((3, H, W), grey, dtype=np.float32)
-    w_field = float(np.clip((h - 1 / 3) / 0.5, 0.0, 1.0))  # 0 for every easy scene
+    w_field = 0.6 * float(np.clip((h - 1 / 3) / 0.5, 0.0, 1.0))  # 0 for every easy scene
     ca, cb = colours[rng.integers(1, num_classes, size=2)][:, :, None, None]
     fx, fy = rng.uniform(0.5, 2.0, size=2) / S
     ph = rng.uniform(0, 1, size=2)
@@ -264,18 +268,22 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
     mask = np.zeros((H, W), dtype=np.uint8)
 
     # Objects, painted back to front (later ones occlude earlier ones).
-    n_obj = int(rng.integers(round(2 + 6 * h), round(3 + 15 * h) + 1))
-    p_class_colour = float(np.clip((0.8 - h) / (0.8 - 1 / 3), 0.0, 1.0))  # 1 for every easy scene
+    n_obj = int(rng.integers(round(2 + h), round(3 + 2 * h) + 1))
+    # Colour names the class on every easy and medium scene; on hard scenes more and more often not.
+    p_class_colour = float(np.clip((1.1 - h) / 0.3, 0.0, 1.0))
+    # Texture names the class up to h = 0.55; beyond, it is more and more often another class's texture
+    # (a distractor), so on hard scenes only the object's shape, seen whole, tells its class.
+    p_class_texture = float(np.clip((0.85 - h) / 0.3, 0.0, 1.0))
     amp = 0.3 + 0.7 * h
     placed: list[tuple[float, float, float]] = []
     for _ in range(n_obj):
         cls = int(rng.integers(1, num_classes))
-        r = S * float(rng.uniform(0.18, 0.28)) * (1.0 - 0.55 * h)
+        r = S * float(rng.uniform(0.2, 0.3)) * (1.0 - 0.2 * h)
         b = r * float(rng.uniform(0.7, 1.0))
         rx, ry = (float(t) for t in rng.standard_normal(2))
         norm = math.sqrt(rx * rx + ry * ry) or 1.0
         cos_r, sin_r = rx / norm, ry / norm  # a uniformly random rotation, without trigonometry
-        sep = min(1.0, max(0.0, 2.0 - 3.0 * h))  # easy: separated; medium: partial overlap; hard: free
+        sep = min(1.0, max(0.5, 2.0 - 2.0 * h))  # easy: separated; medium and hard: partial overlap
         for _try in range(30):
             cx, cy = float(rng.uniform(0.1 * W, 0.9 * W)), float(rng.uniform(0.1 * H, 0.9 * H))
             if all(_far(cx - px, cy - py, sep * (r + pr + 3)) for px, py, pr in placed):
@@ -292,7 +300,10 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
         u = dx * cos_r + dy * sin_r
         v = dy * cos_r - dx * sin_r
         inside = _shape_mask(_class_shape(cls), u, v, r, b)
-        pattern, angle, period = _TEXTURES[(cls - 1) % len(_TEXTURES)]
+        tex_cls = cls
+        if rng.random() >= p_class_texture:
+            tex_cls = int(rng.integers(1, num_classes))
+        pattern, angle, period = _TEXTURES[(tex_cls - 1) % len(_TEXTURES)]
         tex = _texture(pattern, angle, periods[period], bx, by, rng.uniform(0, 1, size=2))
         if rng.random() < p_class_colour:
             col_a = colours[cls]
@@ -304,6 +315,15 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
         img[:, y0:y1, x0:x1] = np.where(inside, paint, img[:, y0:y1, x0:x1])
         mask[y0:y1, x0:x1][inside] = cls
 
+    # Camouflage: a colour offset per block of about S/8 pixels (0 on easy scenes, growing with h), so that a
+    # small neighbourhood's colour misleads and only a view of the whole object (a deep feature) averages it out.
+    sigma_c = 0.25 * float(np.clip((h - 1 / 3) / (2 / 3), 0.0, 1.0))
+    if sigma_c > 0:
+        blk = max(2, round(S / 6))
+        gh, gw = H // blk + 2, W // blk + 2
+        lo = rng.standard_normal((3, gh, gw), dtype=np.float32) * np.float32(sigma_c)
+        oy, ox = (int(v) for v in rng.integers(0, blk, size=2))
+        img += np.repeat(np.repeat(lo, blk, axis=1), blk, axis=2)[:, oy:oy + H, ox:ox + W]
     sigma = 0.15 * h * math.sqrt(h)
     if sigma > 0:
         img += rng.standard_normal((3, H, W), dtype=np.float32) * np.float32(sigma)

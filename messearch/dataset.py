@@ -119,14 +119,6 @@ class SegDataset(torch.utils.data.Dataset):
                 f"input_size={self.input_size}, train={self.train})")
 
 
-def preprocessing(input_size) -> dict:
-    """How an image must be prepared for a model of `input_size` (what evaluation does), as JSON-ready metadata."""
-    h, w = _check_size(input_size)
-    return {"input_size": [h, w], "resize": "bilinear (PIL), stretched to input_size", "channels": "RGB",
-            "scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "NCHW float32",
-            "formula": "(pixel * scale - mean) / std, per channel, in float32"}
-
-
 def _check_size(input_size) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in input_size)

@@ -8,23 +8,77 @@ the cache) the integers equal the cache's and the floats equal the front's, bit 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import stats
 from .checkpoint import FORMAT as CKPT_FORMAT
 from .checkpoint import load_checkpoint
 from .config import Config
-from .data import build_dataset, dataset_class_names
+from .data import build_dataset, class_names
 from .devices import parse_device
 from .errors import MessError
 from .export import export_config, is_torchscript_file, load_exported
+from .export_meta import ExportMeta
 from .files import load_weights_only, sha256_file
 from .onnx_export import OnnxCascadeModule
 
-FRONT_KEYS = ("miou", "pixel_acc", "exit_rates", "mean_gmacs", "latency_ms_median", "latency_ms_p90")
+
+
+@dataclass
+class EvaluationResult:
+    """What `evaluate` measured: the front's figures, the exact confusion sums, and per image its exit and MACs."""
+
+    miou: float
+    pixel_acc: float
+    exit_rates: list[float]          # share of images leaving at each exit, the final head last
+    mean_gmacs: float
+    latency_ms_median: float         # per image
+    latency_ms_p90: float
+    latency_ms_mean: float
+    n_images: int
+    exit_counts: list[int]
+    macs_sum: int
+    tp: list[int]                    # per class, summed over the split
+    pred: list[int]
+    gt: list[int]
+    exits: list[int]                 # per image: the exit it left at (n_exits = the final head)
+    macs: list[int]                  # per image: MACs counted by the model
+    config_id: str
+    kind: str                        # the configuration's kind (reference, cascade, static), as in pareto.parquet
+    device: str
+    batch_size: int
+    data: str
+    split: str
+    torch_threads: int
+    batch1: dict | None = None       # with compare_batch1 at batch > 1: pixels, exits and logits that differ
+
+    def to_json(self) -> dict:
+        """The JSON summary: the front's keys first, then the counts; per-image lists left out."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("exits", "macs", "batch1")}
+        d.update(self.batch1 or {})
+        return d
+
+    def format_summary(self) -> str:
+        """A short human-readable summary of the evaluation."""
+        rates = ", ".join(f"{v:.3f}" for v in self.exit_rates)
+        lines = [
+            f"{self.config_id or 'model'} ({self.kind}) on {self.data} [{self.split}], {self.n_images} images, "
+            f"{self.device}, batch {self.batch_size}",
+            f"  mIoU {self.miou * 100:.2f}%   pixel acc {self.pixel_acc * 100:.2f}%",
+            f"  exit rates (final last): {rates}",
+            f"  mean GMACs (counted): {self.mean_gmacs:.4f}",
+            f"  latency per image: median {self.latency_ms_median:.2f} ms, p90 {self.latency_ms_p90:.2f} ms",
+        ]
+        if self.batch1:
+            b = self.batch1
+            lines.append(f"  vs batch 1: {b['n_pixels_differ']} pixels and {b['n_exits_differ']} exits differ "
+                         f"(max |logit diff| {b['max_abs_logit_diff']:.3g})")
+        return "\n".join(lines)
 
 
 def load_model(path):
@@ -37,25 +91,25 @@ def load_model(path):
     if not is_torchscript_file(path):
         payload = load_weights_only(path, "exported model or MESS checkpoint")
         if isinstance(payload, dict) and payload.get("format") == CKPT_FORMAT:
-            net, space, extra = load_checkpoint(path)
+            net, space, info = load_checkpoint(path)
             prov = {"config_id": "reference", "checkpoint": str(path), "checkpoint_sha256": sha256_file(path)}
-            names = dataset_class_names(extra.get("data", ""), space.num_classes)
+            names = class_names(info.get("data") or space.data, space.num_classes)
             return export_config(net, space, Config("reference"), prov, class_names=names)
     return load_exported(path)
 
 
-def _meta(model) -> dict:
+def _meta(model) -> ExportMeta:
     meta = getattr(model, "meta", None)
-    if not isinstance(meta, dict) or "input_size" not in meta:
+    if not isinstance(meta, ExportMeta):
         raise MessError("the model carries no messearch metadata (input size, classes); pass an exported model")
     return meta
 
 
 def evaluate(model_or_path, data_spec: str, split: str = "val", device: str = "cpu", batch_size: int = 1,
              warmup: int = 3, progress: bool = True, compare_batch1: bool = False, limit: int | None = None,
-             threads: int | None = None, repeat: int = 1) -> dict:
-    """Run the model on a data set; returns a dict with the front's keys (miou, pixel_acc, exit_rates, mean_gmacs,
-    latency_ms_median, latency_ms_p90), n_images, the confusion sums tp/pred/gt, per-image exits and MACs.
+             threads: int | None = None, repeat: int = 1) -> EvaluationResult:
+    """Run the model on a data set; returns an EvaluationResult (the front's figures, n_images, the confusion sums
+    tp/pred/gt, per-image exits and MACs).
 
     compare_batch1: at batch_size > 1 also run each image alone and report how many pixels (argmax) and exits differ.
     threads: torch intra-op threads while evaluating (CPU rounding depends on it: use the cache's to compare exactly).
@@ -78,13 +132,13 @@ def _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progr
         raise MessError(f"batch size {batch_size} must be >= 1")
     dev = parse_device(device)
     model = model.to(dev).eval()
-    ds = build_dataset(data_spec, split, tuple(meta["input_size"]), train=False, ignore_index=meta["ignore_index"],
-                       num_classes=meta["num_classes"])
+    ds = build_dataset(data_spec, split, tuple(meta.input_size), train=False, ignore_index=meta.ignore_index,
+                       num_classes=meta.num_classes)
     n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise MessError(f"data {data_spec!r} split {split!r} has no images")
-    k = len(meta["config"]["positions"])
-    c, ignore, n_bins = meta["num_classes"], meta["ignore_index"], meta["policy"]["n_bins"]
+    k = meta.config.n_exits
+    c, ignore, n_bins = meta.num_classes, meta.ignore_index, meta.policy["n_bins"]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     tp = np.zeros(c, dtype=np.int64)
@@ -126,27 +180,15 @@ def _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progr
     counts = np.bincount(np.asarray(exits, dtype=np.int64), minlength=k + 1)
     macsum = np.int64(sum(macs))
     lat_arr = np.asarray(lat)
-    result = {
-        "miou": float(stats.miou_from_counts(tp, pred, gt)),
-        "pixel_acc": float(stats.pixel_accuracy(tp, gt)),
-        "exit_rates": [int(v) / n for v in counts],
-        "mean_gmacs": float(macsum / n / 1e9),
-        "latency_ms_median": float(np.median(lat_arr)),
-        "latency_ms_p90": float(np.percentile(lat_arr, 90)),
-        "latency_ms_mean": float(lat_arr.mean()),
-        "n_images": n,
-        "exit_counts": [int(v) for v in counts],
-        "macs_sum": int(macsum),
-        "tp": tp.tolist(), "pred": pred.tolist(), "gt": gt.tolist(),
-        "exits": exits, "macs": macs,
-        "config_id": meta.get("provenance", {}).get("config_id", ""),
-        "kind": meta["config"]["kind"],
-        "device": str(dev), "batch_size": batch_size, "data": data_spec, "split": split,
-        "torch_threads": torch.get_num_threads(),
-    }
-    if compare_batch1 and batch_size > 1:
-        result.update(diff)
-    return result
+    return EvaluationResult(
+        miou=float(stats.miou_from_counts(tp, pred, gt)), pixel_acc=float(stats.pixel_accuracy(tp, gt)),
+        exit_rates=[int(v) / n for v in counts], mean_gmacs=float(macsum / n / 1e9),
+        latency_ms_median=float(np.median(lat_arr)), latency_ms_p90=float(np.percentile(lat_arr, 90)),
+        latency_ms_mean=float(lat_arr.mean()), n_images=n, exit_counts=[int(v) for v in counts], macs_sum=int(macsum),
+        tp=tp.tolist(), pred=pred.tolist(), gt=gt.tolist(), exits=exits, macs=macs,
+        config_id=meta.provenance.get("config_id", ""), kind=meta.config.kind, device=str(dev),
+        batch_size=batch_size, data=data_spec, split=split, torch_threads=torch.get_num_threads(),
+        batch1=diff if compare_batch1 and batch_size > 1 else None)
 
 
 def _compare(model, x, logits, ex, diff: dict) -> None:
@@ -160,27 +202,4 @@ def _compare(model, x, logits, ex, diff: dict) -> None:
 
 
 def _bar(n: int, progress: bool):
-    from tqdm import tqdm
     return tqdm(total=n, desc="evaluate", unit="img", disable=not progress, leave=False)
-
-
-def format_result(r: dict) -> str:
-    """A short human-readable summary of an evaluation."""
-    rates = ", ".join(f"{v:.3f}" for v in r["exit_rates"])
-    lines = [
-        f"{r.get('config_id') or 'model'} ({r['kind']}) on {r['data']} [{r['split']}], {r['n_images']} images, "
-        f"{r['device']}, batch {r['batch_size']}",
-        f"  mIoU {r['miou'] * 100:.2f}%   pixel acc {r['pixel_acc'] * 100:.2f}%",
-        f"  exit rates (final last): {rates}",
-        f"  mean GMACs (counted): {r['mean_gmacs']:.4f}",
-        f"  latency per image: median {r['latency_ms_median']:.2f} ms, p90 {r['latency_ms_p90']:.2f} ms",
-    ]
-    if "n_pixels_differ" in r:
-        lines.append(f"  vs batch 1: {r['n_pixels_differ']} pixels and {r['n_exits_differ']} exits differ "
-                     f"(max |logit diff| {r['max_abs_logit_diff']:.3g})")
-    return "\n".join(lines)
-
-
-def json_result(r: dict) -> dict:
-    """The JSON summary: the front's keys first, then the counts; per-image lists left out."""
-    return {k: v for k, v in r.items() if k not in ("exits", "macs")}

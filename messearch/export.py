@@ -1,8 +1,8 @@
 """The deployable model of one front row: only the backbone units, exit heads and final head it uses, with
 dynamic early exits (a confident image stops; the deeper segments never run for it), saved and loaded safely.
 
-Export file (`torch.save`, loadable with weights_only=True): {format, space_text, config, policy, state_dict
-(the pruned modules only), costs, provenance}. With `torchscript=True` the file is instead a TorchScript
+Export file (`torch.save`, loadable with weights_only=True): {format, the ExportMeta fields (export_meta.py),
+versions, state_dict (the pruned modules only)}. With `torchscript=True` the file is instead a TorchScript
 archive (`torch.jit.load` alone runs it) carrying the same metadata as the extra file `messearch.json`.
 """
 
@@ -26,9 +26,9 @@ from . import __version__, stats
 from .checkpoint import load_checkpoint
 from .config import KINDS, Config
 from .costs import mac_table, unit_macs
-from .data import dataset_class_names
-from .dataset import preprocessing
+from .data import class_names as data_class_names
 from .errors import MessError
+from .export_meta import ExportMeta
 from .files import atomic_path, atomic_write_bytes, load_weights_only, sha256_file
 from .front import read_front
 from .model import MESSNetwork
@@ -115,7 +115,7 @@ class DynamicExitModel(nn.Module):
     __jit_ignored_attributes__ = ["meta"]
 
     def __init__(self, stages: list[Stage], final: nn.Module, final_macs: int, n_exits: int, num_classes: int,
-                 static: bool, policy_kind: str, pixel_bin: int, n_bins: int, meta: dict):
+                 static: bool, policy_kind: str, pixel_bin: int, n_bins: int, meta: ExportMeta):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.final = final
@@ -127,7 +127,7 @@ class DynamicExitModel(nn.Module):
         self.policy_kind = policy_kind
         self.pixel_bin = int(pixel_bin)
         self.n_bins = int(n_bins)
-        self.meta = meta  # space_text, config, policy, costs, provenance: not part of the TorchScript program
+        self.meta = meta  # not part of the TorchScript program
 
     def confidence(self, logits: torch.Tensor) -> torch.Tensor:
         """Image-level confidence, float64 [B]; the same functions (and so the same bits) as stats.image_confidence."""
@@ -208,11 +208,11 @@ def check_config(space: Space, config: Config, exits: list[tuple[str, str]]) -> 
 
 
 def export_config(net, space: Space, config: Config, provenance: dict | None = None, policy=None,
-                  class_names: list[str] | None = None) -> DynamicExitModel:
+                  class_names=None) -> DynamicExitModel:
     """The pruned dynamic-exit model of `config` (copies of the modules it uses; `net` is left untouched).
 
-    `policy` (a PolicySpec, default the space's) is the exit policy the search assumed; `class_names` (default
-    class_<i>) and the preprocessing go into the metadata so a deployer can feed the model from the file alone.
+    `policy` (a PolicySpec, default the space's) is the exit policy the search assumed; `class_names` default to
+    those of the space's data set.
     """
 
     check_config(space, config, [tuple(e) for e in net.exits])
@@ -248,12 +248,10 @@ def export_config(net, space: Space, config: Config, provenance: dict | None = N
         final, final_macs = NoFinal(), 0
     costs = {"input_size": list(size), "segments": seg_list, "heads": head_list, "final": int(final_macs),
              "reference": int(table.reference), "backbone_total": int(table.backbone_total)}
-    meta = {"space_text": space.text, "space_source": space.source, "config": config.to_dict(),
-            "policy": _policy_dict(policy), "costs": costs, "provenance": dict(provenance or {}),
-            "exits": [list(e) for e in zip(config.positions, config.heads)], "num_classes": space.num_classes,
-            "ignore_index": space.ignore_index, "input_size": list(size), "model": space.model,
-            "preprocessing": preprocessing(size),
-            "class_names": list(class_names or [f"class_{i}" for i in range(space.num_classes)])}
+    meta = ExportMeta(space_text=space.text, space_source=space.source, model=space.model, config=config,
+                      policy=_policy_dict(policy), costs=costs, provenance=dict(provenance or {}),
+                      num_classes=space.num_classes, ignore_index=space.ignore_index, input_size=list(size),
+                      class_names=list(class_names) if class_names else data_class_names(space.data, space.num_classes))
     model = DynamicExitModel(stages, final, final_macs, config.n_exits, space.num_classes, config.kind == "static",
                              policy.kind, -1 if policy.pixel_threshold_bin is None else policy.pixel_threshold_bin,
                              policy.n_bins, meta)
@@ -276,10 +274,8 @@ def save_exported(model: DynamicExitModel, path, torchscript: bool = False) -> s
         with atomic_path(path) as tmp:
             torch.jit.save(scripted, str(tmp), _extra_files={EXTRA_FILE: json.dumps(_json_meta(model))})
         return str(path)
-    payload = {"format": FORMAT, "space_text": model.meta["space_text"], "space_source": model.meta["space_source"],
-               "config": model.meta["config"], "policy": model.meta["policy"], "costs": model.meta["costs"],
-               "provenance": model.meta["provenance"], "preprocessing": model.meta["preprocessing"],
-               "class_names": model.meta["class_names"], "versions": {"messearch": __version__, "torch": str(torch.__version__)},
+    payload = {"format": FORMAT, **model.meta.to_dict(),
+               "versions": {"messearch": __version__, "torch": str(torch.__version__)},
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -288,7 +284,7 @@ def save_exported(model: DynamicExitModel, path, torchscript: bool = False) -> s
 
 
 def _json_meta(model: DynamicExitModel) -> dict:
-    return {"format": FORMAT + "+torchscript", **{k: v for k, v in model.meta.items()}}
+    return {"format": FORMAT + "+torchscript", **model.meta.to_dict()}
 
 
 def script_model(model: DynamicExitModel) -> torch.jit.ScriptModule:
@@ -322,7 +318,7 @@ def load_exported(path, map_location="cpu"):
             raise MessError(f"{path}: not a loadable TorchScript export ({type(e).__name__}: {e})") from None
         if not str(meta.get("format", "")).startswith(FORMAT):
             raise MessError(f"{path}: a TorchScript file but not a messearch export (no {EXTRA_FILE} of format {FORMAT!r})")
-        m.meta = meta
+        m.meta = ExportMeta.from_dict(meta)
         return m.eval()
     payload = load_weights_only(path, "messearch exported model", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -369,7 +365,7 @@ def build_export(checkpoint, front_path, config_id: str) -> DynamicExitModel:
         raise MessError(f"config id {config_id!r} is not in {front_path} ({len(ids)} rows; e.g. {', '.join(ids[:5])})")
     row = rows.iloc[0]
     config = Config.from_row(row)
-    net, space, extra = load_checkpoint(checkpoint)
+    net, space, info = load_checkpoint(checkpoint)
     policy = space.policy
     if meta.get("space_text"):  # the search's own space file holds the policy it assumed
         policy = space_from_text(meta["space_text"], f"{front_path}:space").policy
@@ -377,7 +373,7 @@ def build_export(checkpoint, front_path, config_id: str) -> DynamicExitModel:
                                                                "speedup", "miou_delta_pp") or k.startswith("latency_ms_")}
     provenance = {"config_id": config_id, "checkpoint": str(checkpoint), "checkpoint_sha256": sha,
                   "front": str(front_path), "cache_sha256": meta.get("cache_sha256", ""), "predicted": predicted}
-    names = dataset_class_names(extra.get("data", ""), space.num_classes)
+    names = data_class_names(info.get("data") or space.data, space.num_classes)   # the data it was trained on
     return export_config(net, space, config, provenance, policy, names)
 
 

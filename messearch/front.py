@@ -17,7 +17,9 @@ from .config import KIND_NAMES, KIND_REFERENCE, KIND_STATIC, config_id
 from .errors import MessError
 from .files import atomic_path
 from .pareto import pareto_select
-from .search import Prepared, SearchSpec, concat_rows, objectives, reference_rows, take_rows
+from .search import Prepared, reference_rows
+from .search_spec import SearchSpec
+from .shard_front import concat_rows, objectives, take_rows
 
 SCHEMA_VERSION = "1"
 BASE_COLUMNS = ["config_id", "kind", "n_exits", "positions", "heads", "thresholds", "miou", "pixel_acc",
@@ -213,6 +215,22 @@ def speedup_at_equal_accuracy(df: pd.DataFrame, tol_pp: float = 0.5) -> float:
     """The best speed-up (reference MACs / row MACs) among rows losing at most tol_pp mIoU points (1.0 at worst)."""
     rows = filter_front(df, max_miou_drop_pp=tol_pp, include_reference=True)
     return float(max(1.0, rows["speedup"].max())) if not rows.empty else 1.0
+
+
+def hypervolume(df: pd.DataFrame, min_miou: float = 0.0) -> float:
+    """Area dominated by the front in (MAC saving, mIoU), both maximised, above the reference point
+    (saving 0, mIoU `min_miou`); MAC saving = 1 - row GMACs / reference GMACs. With min_miou 0 it is the
+    front's best mIoU averaged over savings from 0 to 1 (a 0..1 number)."""
+    ref = float(df.loc[df["is_reference"], "mean_gmacs"].iloc[0])
+    pts = sorted(((1.0 - float(g) / ref, float(m)) for g, m in zip(df["mean_gmacs"], df["miou"])), reverse=True)
+    area, best = 0.0, min_miou
+    for i, (s, m) in enumerate(pts):
+        if s <= 0:
+            break
+        best = max(best, m)
+        nxt = max(pts[i + 1][0], 0.0) if i + 1 < len(pts) else 0.0
+        area += (s - nxt) * (best - min_miou)
+    return area
 
 
 def summary_line(df: pd.DataFrame) -> str:

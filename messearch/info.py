@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
+from . import search_size
 from .costs import mac_table
 from .model import feature_shapes
 from .config import count_configs
 from .space import builtin_spaces, load_space
 
 
-def space_info(path: str, input_size=None) -> dict:
+def space_info(path: str, input_size=None, n_images: int = 500, estimate: bool = True) -> dict:
     """A JSON-ready description of a space (a built-in name or a file): positions with channels and resolution,
-    heads, GMACs, n_configs."""
+    heads, GMACs, n_configs, and (estimate) the search time on this machine's cores for n_images cached images."""
     space = load_space(path)
     size = tuple(input_size or space.input_size)
     table = mac_table(space, size)
+    timing = search_size.space_estimates(space, table, n_images, os.cpu_count() or 1) if estimate else None
     shapes = feature_shapes(space.model, space.num_classes, size)
     positions = []
     for k, p in enumerate(space.positions):
@@ -38,6 +42,7 @@ def space_info(path: str, input_size=None) -> dict:
         "n_configs": count_configs(len(space.positions), len(space.heads), n_thr, space.max_exits, "shared", space.mode),
         "n_configs_per_exit_thresholds": count_configs(len(space.positions), len(space.heads), n_thr,
                                                        space.max_exits, "per-exit", space.mode),
+        "search_estimate": timing,
     }
 
 
@@ -56,6 +61,17 @@ def format_info(info: dict) -> str:
               f"{info['n_configs_per_exit_thresholds']:,} with per-exit thresholds "
               f"({len(info['positions'])} positions x {len(info['heads'])} heads, up to {info['max_exits']} exits, "
               f"{len(info['thresholds'])} thresholds)"]
+    est = info.get("search_estimate")
+    if est:
+        lines.append(f"estimated search time on this machine ({est['shared']['cores']} cores, "
+                     f"{est['n_images']} cached images; evaluator rate measured now): "
+                     f"{search_size.human_seconds(est['shared']['seconds'])} shared, "
+                     f"{search_size.human_seconds(est['per-exit']['seconds'])} per-exit "
+                     f"({est['shared']['configs_per_cpu_s'] / 1e6:.2f}M and "
+                     f"{est['per-exit']['configs_per_cpu_s'] / 1e6:.2f}M configurations per CPU-second)")
+        if max(est["shared"]["seconds"], est["per-exit"]["seconds"]) > search_size.MAX_LOCAL_SECONDS:
+            lines.append(f"a search over {search_size.human_seconds(search_size.MAX_LOCAL_SECONDS)} asks for --force "
+                         "or --address of a Ray cluster")
     return "\n".join(lines)
 
 

@@ -82,8 +82,3 @@ def feature_shapes(model_name: str, num_classes: int, input_size) -> dict[str, t
             x = u.module(x)
             out[u.name] = tuple(int(d) for d in x.shape[1:])
     return out
-
-
-def build_mess_network(space: Space) -> MESSNetwork:
-    """The MESS network of a space, freshly initialised (messearch.weights.load_init starts it from local weights)."""
-    return MESSNetwork(space)

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import stats
 from .errors import MessError
+from .export_meta import ExportMeta
 from .files import atomic_write_bytes, atomic_write_text
 from .runtime import CASCADE_FILE, FORMAT, Cascade
 
@@ -78,13 +79,13 @@ def _groups(model) -> list[tuple[list, int | None]]:
 
 def export_onnx(model, out_dir, opset: int = OPSET) -> Path:
     """Write `model` (a DynamicExitModel) to `out_dir` as stage<k>.onnx files and cascade.json; returns the folder."""
-    if not hasattr(model, "stages") or not isinstance(getattr(model, "meta", None), dict):
+    if not hasattr(model, "stages") or not isinstance(getattr(model, "meta", None), ExportMeta):
         raise MessError("ONNX export needs a messearch exported model (export_config or load_exported of a .pt "
                         "file), not a TorchScript archive")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = model.meta
-    size = [int(v) for v in meta["input_size"]]
+    size = [int(v) for v in meta.input_size]
     policy = (model.policy_kind, model.pixel_bin, model.n_bins)
     model = model.cpu().eval()
     x = torch.zeros(2, 3, *size)    # batch 2, so that no batch size is folded into the graph as a constant
@@ -109,7 +110,7 @@ def export_onnx(model, out_dir, opset: int = OPSET) -> Path:
         if exit_id is None:
             entry["final_macs"] = int(model.final_macs)
         else:
-            entry.update(exit_name="/".join(meta["exits"][exit_id]), threshold=float(stages[-1].threshold),
+            entry.update(exit_name="/".join(meta.exits[exit_id]), threshold=float(stages[-1].threshold),
                          head_macs=int(stages[-1].head_macs))
             with torch.no_grad():
                 res = wrapper(x)
@@ -117,7 +118,7 @@ def export_onnx(model, out_dir, opset: int = OPSET) -> Path:
             carried.update(zip(new, res[3:]))
         entries.append(entry)
     cascade = {"format": FORMAT, "stages": entries, "n_exits": model.n_exits, "static": bool(model.static),
-               "num_classes": model.num_classes, "opset": opset, **meta}
+               "opset": opset, **meta.to_dict()}
     atomic_write_text(out / CASCADE_FILE, json.dumps(cascade, indent=1))
     return out
 
@@ -180,11 +181,11 @@ def compare_with_onnx(model, cascade, images) -> dict:
 
 class OnnxCascadeModule:
     """The ONNX cascade seen as an exported model by messearch.evaluate: torch tensors in, torch tensors out,
-    `.meta` from cascade.json; inference itself runs in ONNX Runtime (CPU) through messearch.runtime."""
+    `.meta` (an ExportMeta) from cascade.json; inference itself runs in ONNX Runtime (CPU) through messearch.runtime."""
 
     def __init__(self, folder, threads: int | None = None):
         self.cascade = Cascade(folder, threads=threads or torch.get_num_threads())
-        self.meta = self.cascade.meta
+        self.meta = ExportMeta.from_dict(self.cascade.meta)
 
     def to(self, device):
         if torch.device(device).type != "cpu":

@@ -3,6 +3,7 @@ each stage skipped when its output is already complete so that a rerun resumes."
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from .data import check_dataset
 from .devices import device_kind
 from .errors import MessError
 from .evaluate import evaluate
+from .exit_quality import single_exit_miou, structure_report
 from .export import export_model, load_exported
 from .files import atomic_write_text, sha256_file
 from .front import cheapest_within, read_front
@@ -112,7 +114,7 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     chosen = cheapest_within(front, tol_pp)
     model_path = out / "model.pt"
     t = time.perf_counter()
-    if model_path.exists() and load_exported(model_path).meta["provenance"].get("config_id") == chosen["config_id"]:
+    if model_path.exists() and load_exported(model_path).meta.provenance.get("config_id") == chosen["config_id"]:
         _say(f"export: {model_path} holds {chosen['config_id']}, skipped")
     else:
         _say(f"export: {chosen['config_id']} (cheapest within {tol_pp} pp of the reference)")
@@ -122,7 +124,8 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     ref = front[front["is_reference"]].iloc[0]
     summary = {"space": str(space_path), "data": data, "out": str(out), "front_rows": int((~front["is_reference"]).sum()),
                "n_evaluated": meta.get("n_evaluated"), "reference": _row_summary(ref), "chosen": _row_summary(chosen),
-               "timings_s": timings}
+               "exits": structure_report(single_exit_miou(cache), cache.positions),
+               "learning_curve": learning_curve(out / "train_log.csv"), "timings_s": timings}
     if evaluate_models:
         t = time.perf_counter()
         _say("evaluate: the exported model and the original, batch 1, on the cached split")
@@ -130,16 +133,24 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
         threads = (cache.meta.get("workers") or [{}])[0].get("threads", 1)
         measured = evaluate(str(model_path), data, "val", device=device, progress=False, threads=threads)
         original = evaluate(str(ckpt), data, "val", device=device, progress=False, threads=threads)
-        summary["measured"] = {k: measured[k] for k in ("miou", "pixel_acc", "exit_rates", "mean_gmacs",
+        summary["measured"] = {k: getattr(measured, k) for k in ("miou", "pixel_acc", "exit_rates", "mean_gmacs",
                                                        "latency_ms_median", "latency_ms_p90")}
-        summary["measured_reference"] = {k: original[k] for k in ("miou", "mean_gmacs", "latency_ms_median")}
-        summary["exact"] = bool(measured["miou"] == chosen["miou"] and measured["mean_gmacs"] == chosen["mean_gmacs"]
-                                and list(measured["exit_rates"]) == list(chosen["exit_rates"]))
+        summary["measured_reference"] = {k: getattr(original, k) for k in ("miou", "mean_gmacs", "latency_ms_median")}
+        summary["exact"] = bool(measured.miou == chosen["miou"] and measured.mean_gmacs == chosen["mean_gmacs"]
+                                and list(measured.exit_rates) == list(chosen["exit_rates"]))
         timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     atomic_write_text(out / "summary.md", format_summary_md(summary))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def learning_curve(log_path: Path) -> list[float]:
+    """The original model's val mIoU after each epoch that trained the backbone (stage 1, plain or joint)."""
+    if not Path(log_path).exists():
+        return []
+    with open(log_path, newline="") as f:
+        return [float(r["miou:final"]) for r in csv.DictReader(f) if r["stage"] != "2"]
 
 
 def _row_summary(row) -> dict:
@@ -166,6 +177,15 @@ def format_summary_md(s: dict) -> str:
                      f"{r['speedup']:.2f}x |" + "".join(f" {r[c]:.2f} |" for c in lat))
     exits = exits_text(ch["positions"], ch["heads"], ch["thresholds"])
     lines += ["", f"Chosen exits: {exits}; exit rates {', '.join(f'{r:.2f}' for r in ch['exit_rates'])} (final last)."]
+    if s.get("exits"):
+        e = s["exits"]
+        lines += ["", f"Single exits (every image leaves there), val mIoU: final head {e['final'] * 100:.2f}%, best exit "
+                      f"at the shallowest position {e['best_shallowest'] * 100:.2f}%, best before the last stage "
+                      f"{e['best_before_last_stage'] * 100:.2f}%, best overall {e['best_exit'] * 100:.2f}%; mean per stage "
+                      + ", ".join(f"{k} {v * 100:.2f}%" for k, v in e["stage_means"].items()) + "."]
+    if s.get("learning_curve"):
+        lines += ["", "Original model's val mIoU after each backbone epoch (train_log.csv): "
+                      + ", ".join(f"{v * 100:.1f}%" for v in s["learning_curve"]) + "."]
     if "measured" in s:
         m, mr = s["measured"], s["measured_reference"]
         lines += ["", f"Measured (exported model, batch 1): mIoU {m['miou'] * 100:.2f}%, {m['mean_gmacs']:.4f} GMACs, "

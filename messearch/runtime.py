@@ -71,16 +71,15 @@ class Cascade:
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """uint8 HxWx3 RGB at the input size -> float32 [1, 3, H, W], normalised as in training (bit for bit)."""
-        pre = self.meta["preprocessing"]
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise MessError(f"image of dtype {image.dtype} and shape {image.shape}: expected uint8 HxWx3 RGB")
         if tuple(image.shape[:2]) != self.input_size:
             raise MessError(f"image of size {image.shape[0]}x{image.shape[1]}: resize it to "
-                            f"{self.input_size[0]}x{self.input_size[1]} first ({pre['resize']})")
-        mean = np.asarray(pre["mean"], dtype=np.float32)[:, None, None]
-        std = np.asarray(pre["std"], dtype=np.float32)[:, None, None]
-        x = image.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+                            f"{self.input_size[0]}x{self.input_size[1]} first ({self.meta['resize']})")
+        mean = np.asarray(self.meta["mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(self.meta["std"], dtype=np.float32)[:, None, None]
+        x = image.transpose(2, 0, 1).astype(np.float32) / np.float32(self.meta["pixel_max"])
         return ((x - mean) / std)[None].astype(np.float32)
 
     def run(self, x: np.ndarray) -> dict:

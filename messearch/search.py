@@ -1,4 +1,5 @@
-"""The exact, vectorised evaluator of early-exit configurations (the drivers that run it are in search_driver).
+"""The exact, vectorised evaluator of early-exit configurations. What to search is search_spec; the rows of its
+blocks and a shard's front are shard_front; the drivers that run it are search_driver.
 
 A cascade (e_1, t_1) .. (e_k, t_k) sends image i to the first exit whose confidence reaches its threshold.
 Its confusion counts are the final head's totals plus, for each exit j, the sum over the images that
@@ -15,7 +16,6 @@ the images that fail at t but not before (one segment): each image enters one pr
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -25,9 +25,9 @@ import numpy as np
 from . import stats
 
 from .cache_format import CacheArrays
-from .config import KIND_CASCADE, KIND_REFERENCE, KIND_STATIC, count_configs
+from .config import KIND_CASCADE, KIND_REFERENCE, KIND_STATIC
 from .errors import MessError
-from .pareto import nondominated_mask
+from .search_spec import SearchSpec
 
 if TYPE_CHECKING:  # the cost model imports torchvision; trials only need the table's fields
     from .costs import CostTable
@@ -36,52 +36,6 @@ if TYPE_CHECKING:  # the cost model imports torchvision; trials only need the ta
 # larger for per-exit thresholds so that each product has enough rows. Columns of one product: ~COLUMN_ELEMS.
 BLOCK_ELEMS = {True: 2_000_000, False: 8_000_000}
 COLUMN_ELEMS = 8192
-# Rate the size estimate assumes (configurations per second per core), measured on the reference space.
-ASSUMED_RATE_PER_CORE = 1_000_000
-
-
-@dataclass
-class SearchSpec:
-    """What to search: candidate exits, thresholds, exit policy, mode, and optional constraints on the front."""
-
-    positions: list[str]
-    heads: list[str]
-    thresholds: tuple[float, ...]
-    max_exits: int = 3
-    thresholds_mode: str = "shared"        # shared | per-exit
-    mode: str = "cascade"                  # cascade | single (adds static truncations)
-    policy_kind: str = "mean"              # mean | fraction
-    pixel_threshold_bin: int | None = None
-    max_gmacs: float | None = None
-    max_latency_ms: dict[str, float] = field(default_factory=dict)
-    min_miou: float | None = None
-    max_miou_drop_pp: float | None = None
-    # SearchSpec.from_space(space, ...) is added next to the Space class.
-
-    @property
-    def has_constraints(self) -> bool:
-        return any(v is not None for v in (self.max_gmacs, self.min_miou, self.max_miou_drop_pp)) or bool(self.max_latency_ms)
-
-    def validate(self) -> None:
-        """Raise MessError naming the first field whose value is not allowed."""
-        if self.thresholds_mode not in ("shared", "per-exit"):
-            raise MessError(f"thresholds mode {self.thresholds_mode!r} is not allowed; use 'shared' or 'per-exit'")
-        if self.mode not in ("cascade", "single"):
-            raise MessError(f"search mode {self.mode!r} is not allowed; use 'cascade' or 'single'")
-        if self.policy_kind not in ("mean", "fraction"):
-            raise MessError(f"exit policy kind {self.policy_kind!r} is not allowed; use 'mean' or 'fraction'")
-        if not self.positions or not self.heads:
-            raise MessError("the search needs at least one candidate position and one head variant")
-        if int(self.max_exits) < 1:
-            raise MessError(f"max_exits {self.max_exits} must be at least 1 (more than the positions allow is capped)")
-        thr = [float(t) for t in self.thresholds]
-        if not thr or len(set(thr)) != len(thr) or not all(math.isfinite(t) for t in thr):
-            raise MessError(f"thresholds {list(self.thresholds)} must be a non-empty list of distinct finite numbers")
-
-    def n_configs(self) -> int:
-        """Configurations in the space, the reference row excluded."""
-        return count_configs(len(self.positions), len(self.heads), len(self.thresholds), int(self.max_exits),
-                             self.thresholds_mode, self.mode, reference=False)
 
 
 @dataclass
@@ -102,6 +56,15 @@ class Prepared:
     costs: dict              # "macs" and "lat:<device>" -> (backbone_to[E], head[E], backbone_total, final)
     devices: list[str]
     bound: np.ndarray = None   # int64 [N]: largest |entry| of each image's xd rows (exact-sum runs, see _runs)
+    d_cache: dict = field(default_factory=dict, repr=False)   # the latest tree's D, reused by the next tree
+
+    def tree_d(self, tree_t: np.ndarray) -> np.ndarray:
+        """D [N, E, Tt, W]: each exit's xd row where the image leaves there with threshold tree_t[j], else 0."""
+        key = tuple(int(t) for t in tree_t)
+        if key not in self.d_cache:
+            self.d_cache.clear()   # one D alive at a time (per-exit: the same D for every tree)
+            self.d_cache[key] = self.xd[:, :, None, :] * (~self.fail[:, :, tree_t])[..., None].astype(self.xd.dtype)
+        return self.d_cache[key]
 
     @property
     def n_exits(self) -> int:
@@ -220,8 +183,8 @@ def block_metrics(prep: Prepared, kind: int, exits, tidx, counts, n_at) -> dict:
     n_final = prep.n - n_at.sum(axis=1)
     rows = {
         "kind": np.full(m, kind, dtype=np.int8), "n_exits": np.full(m, k, dtype=np.int8),
-        "exits": _pad(exits, prep.max_exits, -1), "tidx": _pad(tidx, prep.max_exits, -1),
-        "n_at": _pad(n_at, prep.max_exits, 0), "n_final": n_final.astype(np.int64),
+        "exits": pad_columns(exits, prep.max_exits, -1), "tidx": pad_columns(tidx, prep.max_exits, -1),
+        "n_at": pad_columns(n_at, prep.max_exits, 0), "n_final": n_final.astype(np.int64),
         "miou": stats.miou_from_counts(tp, pred, prep.gt), "pixel_acc": stats.pixel_accuracy(tp, prep.gt),
     }
     rows["macsum"] = _cost_sum(exits, n_at, n_final, prep.costs["macs"])
@@ -231,26 +194,11 @@ def block_metrics(prep: Prepared, kind: int, exits, tidx, counts, n_at) -> dict:
     return rows
 
 
-def _pad(a: np.ndarray, width: int, value) -> np.ndarray:
+def pad_columns(a: np.ndarray, width: int, value) -> np.ndarray:
+    """[M, k] int64 padded with `value` to [M, width] (rows of different exit counts share one array)."""
     out = np.full((a.shape[0], width), value, dtype=np.int64)
     out[:, :a.shape[1]] = a
     return out
-
-
-def concat_rows(parts: list[dict]) -> dict:
-    """Concatenate row dicts (same keys)."""
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-
-
-def take_rows(rows: dict, idx) -> dict:
-    """The rows at idx."""
-    return {key: v[idx] for key, v in rows.items()}
-
-
-def objectives(rows: dict, devices) -> np.ndarray:
-    """[M, d] objective vectors to minimise: -mIoU, mean GMACs, mean latency per device."""
-    cols = [-rows["miou"], rows["mean_gmacs"]] + [rows[f"lat_{d}"] for d in devices]
-    return np.stack(cols, axis=1)
 
 
 def reference_rows(prep: Prepared) -> dict:
@@ -319,15 +267,17 @@ class Block:
     acc: dict               # table -> [R, ncol, tc] acc of the extended prefix
     hsum: dict              # table -> [R, ncol, 1]
     total: dict             # table -> [R, ncol, tc] sum of per-image costs of the configuration
-    survivors: object = None   # () -> bool [R, N]: images that pass none of each row's exits (built on demand)
+    survivors: object = None   # bool [R, N] images that pass none of each row's exits, or () -> it (lazy)
 
     @property
     def size(self) -> int:
         return self.n_new.size
 
     def s(self) -> np.ndarray:
-        """bool [R, N]: images that pass none of each row's exits."""
-        return self.survivors()
+        """bool [R, N]: images that pass none of each row's exits (built once)."""
+        if callable(self.survivors):
+            self.survivors = self.survivors()
+        return self.survivors
 
 
 def _extend(prep: Prepared, g: Group, d: np.ndarray, tree_t: np.ndarray, cols: np.ndarray, tsel: np.ndarray,
@@ -437,7 +387,7 @@ def eval_tree(prep: Prepared, roots, sink, chunk_elems: int | None = None) -> No
         by_p[int(p)].add(int(t))
     order = np.argsort(prep.thresholds, kind="stable")   # threshold indices ascending in value
     tree_t = order[np.isin(order, sorted(set().union(*by_p.values())))] if prep.shared else order
-    d = prep.xd[:, :, None, :] * (~prep.fail[:, :, tree_t])[..., None].astype(prep.xd.dtype)   # [N, E, Tt, W]
+    d = prep.tree_d(tree_t)
     zero = {k: np.zeros(1, dtype=v[0].dtype) for k, v in prep.costs.items()}
     empty = np.zeros((1, 0), dtype=np.int64)
     root = Group(np.ones((1, n), dtype=bool), np.array([-1]), np.array([0]),
@@ -466,97 +416,6 @@ def eval_tree(prep: Prepared, roots, sink, chunk_elems: int | None = None) -> No
         groups = nxt
 
 
-def block_rows(prep: Prepared, b: Block, idx: np.ndarray, miou: np.ndarray | None = None) -> dict:
-    """Materialise the configurations at flat indices idx of a block as rows (the form block_metrics returns)."""
-    r, c, t = np.unravel_index(idx, b.n_new.shape)
-    k = b.rows.exits.shape[1] + 1
-    counts = b.counts.reshape(-1, prep.width)[idx]
-    tp = counts[:, :prep.n_classes].astype(np.int64)
-    rows = {
-        "kind": np.full(len(idx), KIND_CASCADE, dtype=np.int8), "n_exits": np.full(len(idx), k, dtype=np.int8),
-        "exits": _pad(np.concatenate([b.rows.exits[r], b.col_exits[c][:, None]], axis=1), prep.max_exits, -1),
-        "tidx": _pad(np.concatenate([b.rows.tidx[r], b.col_t[t][:, None]], axis=1), prep.max_exits, -1),
-        "n_at": _pad(np.concatenate([b.rows.n_at[r], b.n_new.reshape(-1)[idx, None].astype(np.int64)], axis=1),
-                     prep.max_exits, 0),
-        "n_final": (prep.n - counts[:, -1]).astype(np.int64),
-        "miou": miou if miou is not None else stats.miou_from_counts(tp, counts[:, prep.n_classes:2 * prep.n_classes].astype(np.int64), prep.gt),
-        "pixel_acc": stats.pixel_accuracy(tp, prep.gt),
-        "macsum": b.total["macs"].reshape(-1)[idx],
-    }
-    rows["mean_gmacs"] = rows["macsum"] / prep.n / 1e9
-    for dev in prep.devices:
-        rows[f"lat_{dev}"] = b.total[f"lat:{dev}"].reshape(-1)[idx] / prep.n
-    return rows
-
-
-def block_objectives(prep: Prepared, b: Block, chunk: int = 2048) -> np.ndarray:
-    """[M, d] objectives to minimise of a whole block; mIoU through stats.miou_from_counts in cache-sized chunks."""
-    counts = b.counts.reshape(-1, prep.width)
-    c = prep.n_classes
-    miou = np.empty(len(counts))
-    for s in range(0, len(counts), chunk):
-        part = counts[s:s + chunk].astype(np.int64)
-        miou[s:s + chunk] = stats.miou_from_counts(part[:, :c], part[:, c:2 * c], prep.gt)
-    cols = [-miou, b.total["macs"].reshape(-1) / prep.n / 1e9]
-    cols += [b.total[f"lat:{dev}"].reshape(-1) / prep.n for dev in prep.devices]
-    return np.stack(cols, axis=1)
-
-
-class FrontSink:
-    """Keeps the non-dominated rows (ties kept) of everything it is given, refiltering as it grows."""
-
-    def __init__(self, prep: Prepared, keep_all: bool = False, limit: int = 100_000):
-        self.prep, self.keep_all, self.limit = prep, keep_all, limit
-        self.parts, self.size, self.n_evaluated, self.all_parts = [], 0, 0, []
-        self.front = np.empty((0, 2 + len(prep.devices)))
-
-    def block(self, b: Block) -> None:
-        obj = block_objectives(self.prep, b)
-        self.n_evaluated += len(obj)
-        if self.keep_all:
-            self.all_parts.append(block_rows(self.prep, b, np.arange(len(obj)), -obj[:, 0]))
-        cand = np.flatnonzero(~self._dominated_by_front(obj))
-        cand = cand[nondominated_mask(obj[cand])]
-        self._keep(block_rows(self.prep, b, cand, -obj[cand, 0]))
-
-    def add(self, rows: dict) -> None:
-        """Add materialised rows (static truncations, small sets)."""
-        self.n_evaluated += len(rows["miou"])
-        if self.keep_all:
-            self.all_parts.append(rows)
-        self._keep(take_rows(rows, nondominated_mask(objectives(rows, self.prep.devices))))
-
-    def _keep(self, rows: dict) -> None:
-        self.parts.append(rows)
-        self.size += len(rows["miou"])
-        if self.size > self.limit or len(self.parts) > 8:
-            self.rows()
-
-    def _dominated_by_front(self, obj: np.ndarray) -> np.ndarray:
-        """Two objectives: rows that the front kept so far strictly dominates (a binary search per row)."""
-        f = self.front
-        if len(f) == 0 or obj.shape[1] != 2:
-            return np.zeros(len(obj), dtype=bool)
-        # f is the (-miou, gmacs) front sorted by gmacs with -miou decreasing; best -miou at gmacs <= g
-        le = np.searchsorted(f[:, 1], obj[:, 1], side="right") - 1
-        lt = np.searchsorted(f[:, 1], obj[:, 1], side="left") - 1
-        best_le = np.where(le >= 0, f[np.maximum(le, 0), 0], np.inf)
-        best_lt = np.where(lt >= 0, f[np.maximum(lt, 0), 0], np.inf)
-        return (best_le < obj[:, 0]) | (best_lt <= obj[:, 0])
-
-    def rows(self) -> dict:
-        """The non-dominated rows so far (ties kept)."""
-        if not self.parts:
-            return {}
-        rows = concat_rows(self.parts)
-        rows = take_rows(rows, nondominated_mask(objectives(rows, self.prep.devices)))
-        self.parts, self.size = [rows], len(rows["miou"])
-        obj = objectives(rows, self.prep.devices)
-        if obj.shape[1] == 2:
-            self.front = obj[np.lexsort((obj[:, 0], obj[:, 1]))]
-        return rows
-
-
 def evaluate_items(prep: Prepared, items: list[tuple], sink, progress=None) -> None:
     """Run the evaluator over a shard's work items (trees grouped by threshold index, then static rows)."""
     trees = defaultdict(list)   # shared: a tree per threshold; per-exit: per first position, all its first thresholds
@@ -569,5 +428,3 @@ def evaluate_items(prep: Prepared, items: list[tuple], sink, progress=None) -> N
         eval_tree(prep, trees[key], sink)
         if progress is not None:
             progress(sink)
-
-

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import resource
 import sys
@@ -27,10 +26,12 @@ from .config import tree_size
 from .costs import mac_table
 from .errors import MessError
 from .front import finish_front, rows_to_frame, write_front
+from . import search_size
 from .profile import load_profile
 from .ray_runtime import connect
-from .search import (ASSUMED_RATE_PER_CORE, FrontSink, Prepared, SearchSpec, block_rows, concat_rows, evaluate_items,
-                     prepare, reference_rows)
+from .search import Prepared, evaluate_items, prepare, reference_rows
+from .search_spec import SearchSpec
+from .shard_front import FrontSink, block_rows, concat_rows
 from .space import load_space, space_from_text
 
 
@@ -61,39 +62,6 @@ def assign_shards(items: list[tuple], n_shards: int) -> list[list[tuple]]:
     return shards
 
 
-def estimate(spec: SearchSpec, n_images: int, n_classes: int, cores: int = 1) -> dict:
-    """Size of the search: configurations, expected seconds on `cores`, and peak bytes of one shard."""
-    n_cfg = spec.n_configs()
-    p, h, t = len(spec.positions), len(spec.heads), len(spec.thresholds)
-    tc = 1 if spec.thresholds_mode == "shared" else t
-    w = 2 * n_classes + 1
-    d_bytes = n_images * p * h * tc * w * 8 * 2
-    # the largest prefix group: prefixes of max_exits-1 exits ending at one position, all threshold choices
-    k1 = max(0, int(spec.max_exits) - 1)
-    rows = max((math.comb(q, k1 - 1) if k1 else 1) * h ** k1 * tc ** k1 for q in range(p)) if k1 else 1
-    s_bytes = rows * n_images * 9 + 4_000_000 * 8 * 6
-    return {"n_configs": n_cfg, "seconds": n_cfg / (ASSUMED_RATE_PER_CORE * max(1, cores)),
-            "bytes": int(d_bytes + s_bytes)}
-
-
-def check_size(spec: SearchSpec, n_images: int, n_classes: int, cores: int, force: bool,
-               max_seconds: float = 3600.0, max_bytes: int | None = None) -> dict:
-    """Refuse (MessError with the estimate) a space that would take too long or too much memory, unless force."""
-    est = estimate(spec, n_images, n_classes, cores)
-    if max_bytes is None:
-        try:
-            max_bytes = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * 0.5)
-        except (ValueError, OSError):
-            max_bytes = 8 << 30
-    if not force and (est["seconds"] > max_seconds or est["bytes"] > max_bytes):
-        raise MessError(
-            f"the space has {est['n_configs']:,} configurations: about {est['seconds']:.0f} s on {cores} core(s) and "
-            f"{est['bytes'] / 2**30:.1f} GiB per shard (limits {max_seconds:.0f} s, {max_bytes / 2**30:.1f} GiB); "
-            "shrink it (fewer exits, positions, heads or thresholds; shared thresholds) or pass --force")
-    return est
-
-
-
 # -------------------------------------------------------------------------------------------- in-process
 
 def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
@@ -112,17 +80,10 @@ def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
 
 def evaluate_shard(prep: Prepared, items, keep_all_dir=None, tag: str = "shard0", progress=None) -> tuple[dict, int]:
     """Evaluate one shard's items: its non-dominated rows (ties kept) and the number of configurations evaluated."""
-    sink = FrontSink(prep, keep_all=keep_all_dir is not None)
-    writer = _keep_all_writer(prep, keep_all_dir, tag) if keep_all_dir is not None else None
-
-    def flush(s):
-        if writer is not None and s.all_parts:
-            writer(concat_rows(s.all_parts))
-            s.all_parts = []
-        if progress is not None:
-            progress(s)
-    evaluate_items(prep, items, sink, flush)
-    flush(sink)
+    sink = FrontSink(prep, _keep_all_writer(prep, keep_all_dir, tag) if keep_all_dir is not None else None)
+    evaluate_items(prep, items, sink, progress)
+    if sink.keep_all:
+        sink.flush()
     return sink.rows(), sink.n_evaluated
 
 
@@ -144,13 +105,17 @@ def evaluate_configs(cache: CacheArrays, spec: SearchSpec, macs, latencies=None)
 
 
 def search_local(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shards: int = 1, keep_all_dir=None,
-                 force: bool = False) -> pd.DataFrame:
+                 force: bool = False, verbose: bool = False) -> pd.DataFrame:
     """The search without Ray: the same shards and merge, run one after another in this process."""
     t0 = time.perf_counter()
-    check_size(spec, cache.n_images, cache.gt.shape[1], 1, force)
     prep = prepare(cache, spec, macs, latencies)
+    items = plan_items(spec)
+    est = search_size.estimate(prep, spec, items, 1)
+    search_size.check(est, force, None)
+    if verbose:
+        print(f"search: {search_size.describe(est)}", file=sys.stderr, flush=True)
     parts, total = [], 0
-    for i, items in enumerate(assign_shards(plan_items(spec), shards)):
+    for i, items in enumerate(assign_shards(items, shards)):
         rows, n = evaluate_shard(prep, items, keep_all_dir, f"shard{i}")
         parts.append(rows)
         total += n
@@ -201,6 +166,15 @@ def _progress_callback(total: int):
     return Progress()
 
 
+def _read_plan(key_file: Path) -> dict:
+    """The plan file of an earlier run ({"key", "n_shards"}), or {} when there is none or it is unreadable."""
+    try:
+        d = json.loads(key_file.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _plan_key(spec: SearchSpec, n_shards: int, cache: CacheArrays) -> str:
     text = repr((spec, n_shards, cache.n_images, cache.image_ids[:3], cache.image_ids[-3:]))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -219,17 +193,23 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     t0 = time.perf_counter()
     connect(address)
     cores = int(ray.cluster_resources().get("CPU", 1))
-    est = check_size(spec, cache.n_images, cache.gt.shape[1], cores, force)
     prep = prepare(cache, spec, macs, latencies)   # validates everything before any trial starts
-    n_shards = int(shards or cores)
-    plan = assign_shards(plan_items(spec), n_shards)
+    items = plan_items(spec)
+    est = search_size.estimate(prep, spec, items, cores)
+    search_size.check(est, force, address or os.environ.get("RAY_ADDRESS"))
+    storage_path = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="messearch-tune-"))
+    exp = os.path.join(storage_path, name)
+    key_file = Path(storage_path) / f"{name}.plan"
+    stored = _read_plan(key_file) if resume else {}
+    # the shard count follows the measured rate; a resumed run keeps the count it started with
+    n_shards = int(shards or stored.get("n_shards") or search_size.n_shards(est, cores))
+    if verbose:
+        print(f"search: {search_size.describe(est)}; {n_shards} shard(s)", file=sys.stderr, flush=True)
+    plan = assign_shards(items, n_shards)
     if keep_all_dir is not None:
         keep_all_dir = os.path.abspath(keep_all_dir)
         print(f"warning: --keep-all writes all {est['n_configs']:,} configurations (about "
               f"{est['n_configs'] * 150 / 2**20:,.0f} MiB) to {keep_all_dir}", file=sys.stderr)
-    storage_path = os.path.abspath(storage_path or tempfile.mkdtemp(prefix="messearch-tune-"))
-    exp = os.path.join(storage_path, name)
-    key_file = Path(storage_path) / f"{name}.plan"
     key = _plan_key(spec, n_shards, cache)
     trainable = tune.with_resources(
         tune.with_parameters(_shard_trial, cache=cache, spec=spec, macs=macs, latencies=latencies,
@@ -237,12 +217,12 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     # Each trial's work items are in its config, so ResultGrid.get_dataframe() says what every trial did.
     work = [{"index": i, "items": [list(it) for it in items]} for i, items in enumerate(plan)]
     if resume and tune.Tuner.can_restore(exp):
-        if not key_file.exists() or key_file.read_text() != key:
+        if stored.get("key") != key:
             raise MessError(f"cannot resume {exp}: it was started with another space, cache or shard count")
         tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=False, restart_errored=True)
     else:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
-        key_file.write_text(key)
+        key_file.write_text(json.dumps({"key": key, "n_shards": n_shards}))
         tuner = tune.Tuner(
             trainable, param_space={"shard": tune.grid_search(work)},
             tune_config=tune.TuneConfig(reuse_actors=True),
@@ -331,7 +311,8 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
     keep_all_dir = Path(out).with_name(Path(out).stem + "_all") if opts.keep_all else None
     t0 = time.perf_counter()
     if opts.local:
-        df = search_local(cache, spec, macs, latencies, shards=opts.shards or 1, keep_all_dir=keep_all_dir)
+        df = search_local(cache, spec, macs, latencies, shards=opts.shards or 1, keep_all_dir=keep_all_dir,
+                          force=opts.force, verbose=True)
     else:
         storage = Path(out).resolve().parent / "tune"
         df = run_search(cache, spec, macs, latencies, shards=opts.shards, address=opts.address,

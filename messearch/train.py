@@ -36,7 +36,7 @@ def _stages(space: Space, stage: str, baseline: str | None, init_kind: str | Non
     if baseline == "joint":
         if stage != "both":
             raise MessError(f"--baseline joint trains in one stage; use --stage both, not --stage {stage}")
-        return [[JOINT, e1 + e2, t.lr]]  # the same number of passes over the data as both stages together
+        return [[JOINT, e1, t.lr]]  # the backbone's budget of stage 1: the ablation compares equal backbone epochs
     first = PLAIN if baseline == "no-stage1" else STAGE1
     if baseline == "no-stage1" and init_kind == "original":
         first = None  # the original model's weights are given: nothing to train before stage 2

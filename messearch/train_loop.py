@@ -20,9 +20,9 @@ from .errors import MessError
 from .files import atomic_write_bytes, atomic_write_text, load_weights_only
 from .model import MESSNetwork
 from .space import Space, space_from_text
-from .weights import load_init
 from .train_stages import (JOINT, PLAIN, STAGE1, STAGE2, LossWeights, Runtime, StageModule, build_aux_exits,
                            epoch_seed, make_optimizer, make_scheduler, set_trainable, train_epoch, validate_exits)
+from .weights import load_init
 
 STATE_FORMAT = "messearch/train-state-v1"
 STAGE_NAMES = {STAGE1: "stage 1 (exit-aware backbone)", PLAIN: "original model (final head only)",
@@ -37,7 +37,7 @@ class Plan:
     space_source: str
     data_spec: str
     out_dir: str
-    stages: list  # [kind, epochs, lr] per stage, in order
+    stages: list  # [stage, epochs, lr] per stage, in order
     weights: dict  # LossWeights fields
     init_checkpoint: str | None
     resume: bool
@@ -134,16 +134,16 @@ def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda
     miou: dict[str, float] = dict(state["miou"]) if state else {}
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    for i, (kind, epochs, lr) in enumerate(plan.stages):
+    for i, (stage, epochs, lr) in enumerate(plan.stages):
         done = 0
         if state is not None:
             if i < state["stage_index"] or (i == state["stage_index"] and state["epoch"] >= epochs):
                 continue
             done = state["epoch"] if i == state["stage_index"] else 0
-        set_trainable(net, kind)
-        torch.manual_seed(epoch_seed(t.seed, kind, -1))
-        aux = build_aux_exits(net).to(rt.device) if kind == STAGE1 else None
-        module = StageModule(net, kind, aux)
+        set_trainable(net, stage)
+        torch.manual_seed(epoch_seed(t.seed, stage, -1))
+        aux = build_aux_exits(net).to(rt.device) if stage == STAGE1 else None
+        module = StageModule(net, stage, aux)
         wrapped = wrap_model(module)
         steps = len(train_loader) if plan.max_steps is None else min(len(train_loader), plan.max_steps)
         optimizer = make_optimizer(module, lr, t.weight_decay)
@@ -154,19 +154,19 @@ def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         for epoch in range(done, epochs):
-            s = epoch_seed(t.seed, kind, epoch)
+            s = epoch_seed(t.seed, stage, epoch)
             torch.manual_seed(s)  # augmentation and dropout
             generator.manual_seed(s)  # shuffling
             if sampler is not None:
                 sampler.set_epoch(s)
             lr_now = optimizer.param_groups[0]["lr"]
-            stats = train_epoch(wrapped, kind, train_loader, optimizer, scheduler, w, rt,
-                                f"{STAGE_NAMES[kind].split(' (')[0]} epoch {epoch + 1}/{epochs}", plan.max_steps)
-            seconds[kind] = seconds.get(kind, 0.0) + stats["seconds"]
-            row = {"stage": kind, "epoch": epoch + 1, "lr": lr_now, **stats,
+            stats = train_epoch(wrapped, stage, train_loader, optimizer, scheduler, w, rt,
+                                f"{STAGE_NAMES[stage].split(' (')[0]} epoch {epoch + 1}/{epochs}", plan.max_steps)
+            seconds[stage] = seconds.get(stage, 0.0) + stats["seconds"]
+            row = {"stage": stage, "epoch": epoch + 1, "lr": lr_now, **stats,
                    "images_per_s": stats["images"] * rt.world_size / max(stats["seconds"], 1e-9)}
             if rt.is_main:
-                miou = validate_exits(net, val_loader, rt, heads=kind in (STAGE2, JOINT), aux=aux, max_steps=plan.max_steps)
+                miou = validate_exits(net, val_loader, rt, heads=stage in (STAGE2, JOINT), aux=aux, max_steps=plan.max_steps)
                 row.update({f"miou:{k}": v for k, v in miou.items()})
                 rows.append(row)
                 atomic_write_text(out / "train_log.csv", _csv_text(rows, columns))
@@ -182,7 +182,7 @@ def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "log": rows, "seconds": seconds, "miou": miou}))
             if on_epoch_end is not None:
-                on_epoch_end(kind, epoch + 1, row)
+                on_epoch_end(stage, epoch + 1, row)
     path = out / "mess.pt"
     if rt.is_main:
         if writer is not None:

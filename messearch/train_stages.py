@@ -49,42 +49,42 @@ def build_aux_exits(net: MESSNetwork) -> nn.ModuleList:
 class StageModule(nn.Module):
     """What one training step runs, as one module (so DDP can wrap it): returns (exit logits, final logits).
 
-    kind '1': features with grad, the auxiliary exits and the final head. kind 'plain': the original model
-    only (no exits). kind '2': frozen backbone and final head under no_grad, then every candidate head.
-    kind 'joint': backbone, candidate heads and final head end to end.
+    stage '1': features with grad, the auxiliary exits and the final head. stage 'plain': the original model
+    only (no exits). stage '2': frozen backbone and final head under no_grad, then every candidate head.
+    stage 'joint': backbone, candidate heads and final head end to end.
     """
 
-    def __init__(self, net: MESSNetwork, kind: str, aux: nn.ModuleList | None = None):
+    def __init__(self, net: MESSNetwork, stage: str, aux: nn.ModuleList | None = None):
         super().__init__()
-        self.net, self.kind, self.aux = net, kind, aux
+        self.net, self.stage, self.aux = net, stage, aux
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         size = x.shape[-2:]
-        if self.kind == STAGE2:
+        if self.stage == STAGE2:
             with torch.no_grad():
                 feats, taps = self.net.forward_features(x)
                 final = self.net.final(taps, size)
             return self.net.exit_logits(feats, size), final
         feats, taps = self.net.forward_features(x)
         final = self.net.final(taps, size)
-        if self.kind == STAGE1:
+        if self.stage == STAGE1:
             return [a(f, size) for a, f in zip(self.aux, feats)], final
-        if self.kind == JOINT:
+        if self.stage == JOINT:
             return self.net.exit_logits(feats, size), final
         return [], final
 
     def train(self, mode: bool = True):
         """Train mode for what is trained; the frozen base of stage 2 stays in eval mode (BN statistics fixed)."""
         super().train(mode)
-        if self.kind == STAGE2:
+        if self.stage == STAGE2:
             self.net.base.eval()
         return self
 
 
-def set_trainable(net: MESSNetwork, kind: str) -> None:
+def set_trainable(net: MESSNetwork, stage: str) -> None:
     """requires_grad for a stage: the base (backbone + final head) in stages 1/plain/joint, the heads in 2/joint."""
-    net.base.requires_grad_(kind in (STAGE1, PLAIN, JOINT))
-    net.heads.requires_grad_(kind in (STAGE2, JOINT))
+    net.base.requires_grad_(stage in (STAGE1, PLAIN, JOINT))
+    net.heads.requires_grad_(stage in (STAGE2, JOINT))
 
 
 def positive_mask(final_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -128,10 +128,10 @@ class LossWeights:
     ignore_index: int = 255
 
 
-def stage_loss(kind: str, exits: list[torch.Tensor], final: torch.Tensor, labels: torch.Tensor, w: LossWeights) -> torch.Tensor:
+def stage_loss(stage: str, exits: list[torch.Tensor], final: torch.Tensor, labels: torch.Tensor, w: LossWeights) -> torch.Tensor:
     """The loss of one step. Stage 2: sum over heads of CE + distill_weight * PFD (the teacher and mask
     computed once, each head's gradient the same as if it were trained alone)."""
-    if kind == STAGE2:
+    if stage == STAGE2:
         loss = sum(_ce(e, labels, w.ignore_index) for e in exits)
         if w.distill_weight > 0:
             mask = positive_mask(final, labels, w.ignore_index)
@@ -171,7 +171,7 @@ def epoch_seed(seed: int, stage: str, epoch: int) -> int:
     return (seed * 1_000_003 + {STAGE1: 1, PLAIN: 2, STAGE2: 3, JOINT: 4}[stage] * 10_007 + epoch) % (2**63 - 1)
 
 
-def train_epoch(module: nn.Module, kind: str, loader, optimizer, scheduler, weights: LossWeights, rt: Runtime,
+def train_epoch(module: nn.Module, stage: str, loader, optimizer, scheduler, weights: LossWeights, rt: Runtime,
                 desc: str, max_steps: int | None = None) -> dict:
     """One epoch over `loader`; returns the mean loss, steps, images and seconds."""
     from tqdm import tqdm
@@ -183,7 +183,7 @@ def train_epoch(module: nn.Module, kind: str, loader, optimizer, scheduler, weig
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         with rt.autocast():
             exits, final = module(x)
-        loss = stage_loss(kind, exits, final, y, weights)
+        loss = stage_loss(stage, exits, final, y, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -25,7 +25,8 @@ from .backbones import MODELS, build_torchvision_model
 from .checkpoint import FORMAT
 from .errors import MessError
 from .files import load_weights_only, sha256_file
-from .space import space_from_text
+from .model import MESSNetwork
+from .space import Space, space_from_text
 
 # Classification layer and backbone-key prefix of each ImageNet classifier a segmentation backbone comes from.
 CLASSIFIERS = {"resnet18": ("fc.", ""), "resnet34": ("fc.", ""), "resnet50": ("fc.", ""),
@@ -215,7 +216,6 @@ def _known_shapes() -> dict[str, dict]:
     left out) and the ImageNet classifiers; built on the meta device (no memory, no download)."""
     import torchvision
 
-
     out = {}
     with torch.device("meta"):
         for name in MODELS:
@@ -247,3 +247,11 @@ def _diagnose(own: dict, state: dict, model_name: str, num_classes: int, path: s
             f"look like {looks}; {n_bb}/{len(backbone)} match the backbone and {n_head}/{len(head)} the final head "
             f"as a segmentation state dict, {n_cls}/{len(backbone)} the backbone as an ImageNet {arch} "
             f"classification state dict; {ACCEPTED}")
+
+
+def build_mess_network(space: Space, init_checkpoint: str | None = None) -> MESSNetwork:
+    """The MESS network of a space, optionally starting from local weights (any shape messearch.weights accepts)."""
+    net = MESSNetwork(space)
+    if init_checkpoint:
+        load_init(net, init_checkpoint)
+    return net

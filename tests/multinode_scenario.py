@@ -43,7 +43,7 @@ def make_checkpoint(out: Path) -> Path:
     import torch
 
     from messearch.checkpoint import save_checkpoint
-    from messearch.model import build_mess_network
+    from messearch.weights import build_mess_network
     from messearch.space import space_from_text
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from messearch.cli import main
 from messearch.data import build_dataset
 from messearch.errors import MessError
 from messearch.files import sha256_file
-from messearch.model import build_mess_network
+from messearch.weights import build_mess_network
 from messearch.space import space_from_text
 
 DATA = "synthetic:0:8"

@@ -70,7 +70,7 @@ def test_folder_loads_masks_exactly(tmp_path, colour):
     # void follows the space's ignore index
     y = _native(spec, "val", ignore_index=99)[0][1]
     assert int((y == 99).sum()) == 4 and not (y == 255).any()
-    assert check_dataset(spec, "train", 3) == {"kind": "folder", "split": "train", "images": 4, "num_classes": 3}
+    assert check_dataset(spec, "train", 3) == {"format": "folder", "split": "train", "images": 4, "num_classes": 3}
     with pytest.raises(DataError, match=r"classes.yaml has 3 classes"):
         _native(spec, "val", num_classes=5)
     with pytest.raises(DataError, match="test/images: folder not found"):

@@ -21,16 +21,17 @@ from messearch.cache import build_cache
 from messearch.cache_format import CacheArrays, load_cache
 from messearch.checkpoint import load_checkpoint, save_checkpoint
 from messearch.costs import mac_table
-from messearch.data import build_dataset
+from messearch.data import build_dataset, class_names
+from messearch.dataset import IMAGENET_MEAN, IMAGENET_STD
 from messearch.errors import MessError
 from messearch.evaluate import evaluate
 from messearch.config import Config
 from messearch.export import export_config, export_model, load_exported, save_exported
 from messearch.files import sha256_file
 from messearch.front import write_front
-from messearch.search import SearchSpec
+from messearch.search_spec import SearchSpec
 from messearch.search_driver import evaluate_configs, search_local
-from messearch.model import build_mess_network
+from messearch.weights import build_mess_network
 from messearch.space import space_from_text
 
 DATA = "synthetic:0:8"
@@ -162,12 +163,12 @@ def test_exact_fidelity_every_kind(run, policy):
         want = _predict(run["cache"], cfg, run["macs"], space.policy)
         model = export_config(run["net"], space, cfg, {"config_id": cfg.config_id}, space.policy)
         got = evaluate(model, DATA, "val", warmup=0, progress=False)
-        assert got["exits"] == want["exits"], cfg
-        assert got["macs"] == want["macs"], cfg
+        assert got.exits == want["exits"], cfg
+        assert got.macs == want["macs"], cfg
         for key in ("tp", "pred", "gt", "miou", "pixel_acc", "exit_rates", "mean_gmacs"):
-            assert got[key] == want[key], (cfg, key)
+            assert getattr(got, key) == want[key], (cfg, key)
         if cfg.kind == "cascade":  # the thresholds really split the images
-            assert 0 < got["exit_counts"][-1] < len(run["ds"]), cfg
+            assert 0 < got.exit_counts[-1] < len(run["ds"]), cfg
 
 
 def test_pruned_modules_only(run):
@@ -230,9 +231,9 @@ def test_batch_equals_one_by_one(run):
         lb, eb, _ = model(x)
         l1 = torch.cat([model(x[i:i + 1])[0] for i in range(len(x))])
         e1 = [int(model(x[i:i + 1])[1]) for i in range(len(x))]
-    assert r["n_pixels_differ"] == int((lb.argmax(1) != l1.argmax(1)).sum())
-    assert r["n_exits_differ"] == sum(int(a != b) for a, b in zip(eb.tolist(), e1))
-    assert r["max_abs_logit_diff"] < 1e-3
+    assert r.batch1["n_pixels_differ"] == int((lb.argmax(1) != l1.argmax(1)).sum())
+    assert r.batch1["n_exits_differ"] == sum(int(a != b) for a, b in zip(eb.tolist(), e1))
+    assert r.batch1["max_abs_logit_diff"] < 1e-3
 
 
 def test_save_load_and_torchscript(run, tmp_path):
@@ -259,23 +260,30 @@ def test_save_load_and_torchscript(run, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(want, ts))
     r1 = evaluate(str(tmp_path / "m.ts"), DATA, "val", warmup=0, progress=False)
     r2 = evaluate(model, DATA, "val", warmup=0, progress=False)
-    assert r1["tp"] == r2["tp"] and r1["exits"] == r2["exits"] and r1["macs"] == r2["macs"]
+    assert r1.tp == r2.tp and r1.exits == r2.exits and r1.macs == r2.macs
+    # the metadata travels whole, in both formats: preprocessing and class names included
+    assert loaded.meta == model.meta == load_exported(tmp_path / "m.ts").meta
+    assert model.meta.class_names == class_names(DATA, space.num_classes) and len(model.meta.class_names) == 4
+    assert model.meta.mean == list(IMAGENET_MEAN) and model.meta.std == list(IMAGENET_STD)
+    assert model.meta.input_size == list(space.input_size) and model.meta.exits == [list(e) for e in
+                                                                                   zip(cfg.positions, cfg.heads)]
 
 
 def test_reference_from_checkpoint(run):
     r = evaluate(run["ckpt"], DATA, "val", warmup=1, progress=False)
     want = _predict(run["cache"], Config("reference"), run["macs"], run["space"].policy)
-    assert r["tp"] == want["tp"] and r["miou"] == want["miou"] and r["exit_rates"] == [1.0]
-    assert r["mean_gmacs"] == run["macs"].reference / 1e9
-    assert r["latency_ms_median"] > 0 and r["latency_ms_p90"] >= r["latency_ms_median"]
+    assert r.tp == want["tp"] and r.miou == want["miou"] and r.exit_rates == [1.0]
+    assert r.mean_gmacs == run["macs"].reference / 1e9
+    assert r.latency_ms_median > 0 and r.latency_ms_p90 >= r.latency_ms_median
 
 
-def _front(run, tmp_path, sha=None):
-    """A pareto.parquet holding the rows of _configs with their predicted figures (the search's columns)."""
+def _front(run, tmp_path, sha=None, configs=None):
+    """A pareto.parquet holding the rows of `configs` (default _configs) with their predicted figures (the search's
+    columns)."""
     import pandas as pd
 
     space, recs = run["space"], []
-    for cfg in _configs(run, space.policy):
+    for cfg in configs or _configs(run, space.policy):
         p = _predict(run["cache"], cfg, run["macs"], space.policy)
         recs.append({"config_id": cfg.config_id, "kind": cfg.kind, "n_exits": cfg.n_exits,
                      "positions": list(cfg.positions), "heads": list(cfg.heads), "thresholds": list(cfg.thresholds),
@@ -302,7 +310,7 @@ def test_cli_export_evaluate_and_bad_inputs(run, tmp_path, capsys):
     for key in ("miou", "pixel_acc", "exit_rates", "mean_gmacs"):
         assert got[key] == row[key], key
     assert {"latency_ms_median", "latency_ms_p90", "n_images"} <= set(got)
-    assert load_exported(out).meta["provenance"]["predicted"]["miou"] == row["miou"]
+    assert load_exported(out).meta.provenance["predicted"]["miou"] == row["miou"]
     # bad inputs: one line on stderr, exit status 2
     cases = [
         (["export", "--checkpoint", run["ckpt"], "--front", front, "--config-id", "cdeadbeef00", "--out", str(out)],
@@ -367,8 +375,8 @@ def test_chain_cache_search_front_export_evaluate(run, tmp_path, request):
         model = export_model(run["ckpt"], path, row["config_id"], tmp_path / f"{row['config_id']}.pt")
         got = evaluate(str(model), DATA, "val", warmup=0, progress=False)
         for key in ("miou", "pixel_acc", "mean_gmacs"):
-            assert got[key] == row[key], (row["config_id"], key)
-        assert got["exit_rates"] == list(row["exit_rates"]), row["config_id"]
+            assert getattr(got, key) == row[key], (row["config_id"], key)
+        assert got.exit_rates == list(row["exit_rates"]), row["config_id"]
 
 
 def pd_concat(frames):

@@ -14,10 +14,9 @@ from messearch.cli import main
 from messearch.backbones import MODELS, PUBLISHED_WEIGHTS, build_torchvision_model, candidate_positions
 from messearch.costs import mac_table, model_macs, unit_macs
 from messearch.errors import MessError, SpaceError
-from messearch.model import build_mess_network
+from messearch.weights import build_mess_network
 from messearch.config import count_configs
 from messearch.space import load_space, space_from_text
-from messearch.weights import load_init
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "messearch" / "spaces").glob("*.yaml"))
@@ -86,14 +85,12 @@ def test_torchvision_format_state_dict_loads(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(reference.state_dict(), path)  # the published format, auxiliary classifier included
     space = space_from_text(SMALL.format(model="deeplabv3_mobilenet_v3_large"), "test")
-    net = build_mess_network(space)
-    load_init(net, str(path))
-    net.eval()
+    net = build_mess_network(space, init_checkpoint=str(path)).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(net(x)[1], reference(x)["out"])
     with pytest.raises(MessError, match="cannot start fcn_resnet18"):
-        load_init(build_mess_network(space_from_text(SMALL.format(model="fcn_resnet18"), "t")), str(path))
+        build_mess_network(space_from_text(SMALL.format(model="fcn_resnet18"), "t"), init_checkpoint=str(path))
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)

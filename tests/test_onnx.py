@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from messearch.cli import main
-from messearch.data import dataset_class_names
+from messearch.data import class_names
 from messearch.dataset import IMAGENET_MEAN, IMAGENET_STD, normalise_image
-from messearch.evaluate import evaluate
+from messearch.evaluate import EvaluationResult, evaluate
 from messearch.config import Config
 from messearch.export import export_config, load_exported, save_exported
+from messearch.export_meta import ExportMeta
 from messearch.onnx_export import compare_with_onnx, export_onnx
 from messearch.runtime import Cascade, read_cascade
 from test_export import DATA, _configs, _front, _space, one_thread, run  # noqa: F401  (fixtures)
@@ -54,20 +55,21 @@ def test_onnx_cascade_takes_the_same_exits(run, tmp_path, policy, which):
         assert len(meta["stages"]) == cfg.n_exits + (cfg.kind != "static")
         want = evaluate(model, DATA, "val", warmup=0, progress=False, threads=1)
         got = evaluate(str(folder), DATA, "val", warmup=0, progress=False, threads=1)
-        assert got["exits"] == want["exits"] and got["macs"] == want["macs"], cfg
+        assert isinstance(got, EvaluationResult) and got.kind == cfg.kind
+        assert got.exits == want.exits and got.macs == want.macs, cfg
         for key in ("exit_rates", "mean_gmacs", "tp", "pred", "gt", "miou", "pixel_acc"):
-            assert got[key] == want[key], (cfg, key)
+            assert getattr(got, key) == getattr(want, key), (cfg, key)
         cmp = compare_with_onnx(model, Cascade(folder, threads=1), (run["ds"][i][0] for i in range(len(run["ds"]))))
         assert cmp["n_exits_differ"] == 0 and cmp["n_pixels_differ"] == 0, cmp
         assert cmp["max_abs_logit_diff"] < 1e-3 and cmp["max_confidence_diff"] < 1e-5, cmp
         if cfg.kind == "cascade":
             # every PyTorch confidence is farther from its threshold than any confidence difference seen
-            assert 0 < got["exit_counts"][-1] < len(run["ds"]) and cmp["decisions_robust"], (cfg, cmp)
+            assert 0 < got.exit_counts[-1] < len(run["ds"]) and cmp["decisions_robust"], (cfg, cmp)
 
 
 def test_runtime_stops_early_and_needs_no_torch(run, tmp_path):
     space = run["space"]
-    cfg = _configs(run, space.policy)[4]
+    cfg = _between(run, _configs(run, space.policy)[4], space.policy)   # no image exactly on a threshold
     model = export_config(run["net"], space, cfg)
     folder = export_onnx(model, tmp_path / "onnx")
     x = torch.stack([run["ds"][i][0] for i in range(len(run["ds"]))])
@@ -109,22 +111,27 @@ def test_runtime_stops_early_and_needs_no_torch(run, tmp_path):
 def test_metadata_feeds_the_model_from_the_file_alone(run, tmp_path):
     space = run["space"]
     cfg = _configs(run, space.policy)[2]
-    names = dataset_class_names(DATA, space.num_classes)
+    names = class_names(DATA, space.num_classes)
     assert names[0] == "background" and len(names) == space.num_classes
-    assert dataset_class_names("camvid:/nowhere", 11)[:2] == ["Sky", "Building"]   # fixed by the format
+    assert class_names("camvid:/nowhere", 11)[:2] == ["Sky", "Building"]   # fixed by the format
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "classes.yaml").write_text("classes: [sky, road, car, bike]\n")
-    assert dataset_class_names(f"folder:{tmp_path / 'mine'}", 4) == ["sky", "road", "car", "bike"]
-    assert dataset_class_names(f"folder:{tmp_path / 'gone'}", 4) == ["class_0", "class_1", "class_2", "class_3"]
+    assert class_names(f"folder:{tmp_path / 'mine'}", 4) == ["sky", "road", "car", "bike"]
+    assert class_names(f"folder:{tmp_path / 'gone'}", 4) == ["class_0", "class_1", "class_2", "class_3"]
     model = export_config(run["net"], space, cfg, {"config_id": cfg.config_id}, class_names=names)
-    pre = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input_size": list(space.input_size)}
+    pre = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input_size": list(space.input_size),
+           "pixel_max": 255.0, "class_names": names}
     save_exported(model, tmp_path / "m.pt")
     save_exported(model, tmp_path / "m.ts", torchscript=True)
     folder = export_onnx(model, tmp_path / "onnx")
-    for meta in (torch.load(tmp_path / "m.pt", weights_only=True), load_exported(tmp_path / "m.pt").meta,
-                 load_exported(tmp_path / "m.ts").meta, read_cascade(folder)):
-        assert meta["class_names"] == names
-        assert {k: meta["preprocessing"][k] for k in pre} == pre
+    cascade = read_cascade(folder)
+    for meta in (torch.load(tmp_path / "m.pt", weights_only=True), load_exported(tmp_path / "m.pt").meta.to_dict(),
+                 load_exported(tmp_path / "m.ts").meta.to_dict(), cascade):
+        assert {k: meta[k] for k in pre} == pre
+    # cascade.json is the ExportMeta record plus the stages: thresholds, policy and per-stage MACs included
+    assert ExportMeta.from_dict(cascade) == model.meta
+    assert [s["threshold"] for s in cascade["stages"] if s["exit"] is not None] == list(cfg.thresholds)
+    assert cascade["policy"] == model.meta.policy and all("segment_macs" in s for s in cascade["stages"])
     # the runtime's preprocessing, from cascade.json alone, gives the training pipeline's tensor bit for bit
     rgb = np.random.default_rng(0).integers(0, 256, size=(*space.input_size, 3), dtype=np.uint8)
     x = Cascade(folder, threads=1).preprocess(rgb)
@@ -132,13 +139,14 @@ def test_metadata_feeds_the_model_from_the_file_alone(run, tmp_path):
 
 
 def test_cli_export_onnx_and_evaluate_folder(run, tmp_path, capsys):
-    front, recs = _front(run, tmp_path)
+    policy = run["space"].policy   # thresholds off the images' confidences: the front's figures are exact for ONNX too
+    front, recs = _front(run, tmp_path, configs=[_between(run, c, policy) for c in _configs(run, policy)])
     row = recs[4]
     folder = tmp_path / "onnx"
     assert main(["export", "--checkpoint", run["ckpt"], "--front", front, "--config-id", row["config_id"],
                  "--onnx", str(folder)]) == 0
     assert "ONNX, 4 stage graphs" in capsys.readouterr().out
-    assert read_cascade(folder)["class_names"] == dataset_class_names(DATA, run["space"].num_classes)
+    assert read_cascade(folder)["class_names"] == class_names(DATA, run["space"].num_classes)
     assert main(["evaluate", "--model", str(folder), "--data", DATA, "--json", "--warmup", "0", "--threads", "1"]) == 0
     got = json.loads(capsys.readouterr().out)
     for key in ("miou", "pixel_acc", "exit_rates", "mean_gmacs"):
@@ -158,7 +166,7 @@ def test_lraspp_final_head_reads_a_feature_from_an_earlier_graph(tmp_path):
     passes it on, and the runtime drops the rows of images that leave in between."""
     from messearch import stats
     from messearch.backbones import candidate_positions
-    from messearch.model import build_mess_network
+    from messearch.weights import build_mess_network
     from messearch.space import space_from_text
 
     cp = candidate_positions("lraspp_mobilenet_v3_large")

@@ -12,7 +12,7 @@ from messearch.checkpoint import save_checkpoint
 from messearch.cli import main
 from messearch.costs import mac_table
 from messearch.errors import MessError
-from messearch.model import build_mess_network
+from messearch.weights import build_mess_network
 from messearch.profile import load_profile, profile_latency
 from messearch.space import space_from_text
 

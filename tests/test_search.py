@@ -11,13 +11,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messearch import search, stats
+from messearch import search, shard_front, stats
 from messearch.cache_format import CacheArrays
 from messearch.errors import MessError
 from messearch.config import config_id
 from messearch.front import read_front, write_front
 from messearch.costs import CostTable as Costs
-from messearch.search import SearchSpec
+from messearch.search_spec import SearchSpec
 from messearch.search_driver import evaluate_configs, run_search, search_local
 
 N_BINS = 4
@@ -314,6 +314,9 @@ def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_pat
     df = run_search(cache, spec, macs, shards=2, storage_path=tmp_path / "tune", keep_all_dir=tmp_path / "all",
                     verbose=False)
     assert_same_rows(df, brute_force_front(brute_force_rows(cache, spec, macs, {}), {}, spec), {})
+    # resuming keeps the shard count the run started with, whatever the rate measured now suggests
+    again = run_search(cache, spec, macs, storage_path=tmp_path / "tune", resume=True, verbose=False)
+    assert again.equals(df)
     out = tmp_path / "pareto.parquet"
     write_front(df, out, {"space_text": "x: 1", "space_source": "s.yaml", "checkpoint_sha256": "ab",
                           "cache_sha256": "cd", "mode": spec.mode, "thresholds": spec.thresholds_mode})
@@ -343,3 +346,47 @@ def test_large_pixel_counts_stay_exact(scale):
     rows = brute_force_rows(cache, spec, macs, {})
     assert_same_rows(evaluate_configs(cache, spec, macs), rows, {})
     assert_same_rows(search_local(cache, spec, macs, shards=2), brute_force_front(rows, {}, spec), {})
+
+
+def test_the_front_does_not_depend_on_the_number_of_shards():
+    cache = make_cache(21, 4, 2, 9, 3)
+    macs = make_costs(21, cache.positions, cache.heads)
+    for mode in ("shared", "per-exit"):
+        spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.6, 0.3, 0.8), max_exits=3,
+                          thresholds_mode=mode, mode="single")
+        one = search_local(cache, spec, macs, shards=1)
+        for shards in (2, 3, 7, 40):
+            other = search_local(cache, spec, macs, shards=shards)
+            assert other.equals(one) and other.attrs["n_evaluated"] == spec.n_configs(), (mode, shards)
+
+
+def test_keep_all_writes_every_configuration_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(shard_front, "KEEP_ALL_ROWS", 40)
+    cache = make_cache(5, 3, 2, 8, 3)
+    macs = make_costs(5, cache.positions, cache.heads)
+    spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
+                      thresholds_mode="per-exit")
+    search_local(cache, spec, macs, shards=2, keep_all_dir=tmp_path / "all")
+    files = list((tmp_path / "all").rglob("*.parquet"))
+    assert len(files) >= spec.n_configs() // 40   # written as it went, ~KEEP_ALL_ROWS rows at a time
+    every = pd.read_parquet(tmp_path / "all").sort_values("config_id").reset_index(drop=True)
+    want = evaluate_configs(cache, spec, macs).query("not is_reference").sort_values("config_id").reset_index(drop=True)
+    assert list(every["config_id"]) == list(want["config_id"])
+    assert every["miou"].tolist() == want["miou"].tolist() and every["mean_gmacs"].tolist() == want["mean_gmacs"].tolist()
+
+
+def test_size_estimate_from_a_measured_rate_refuses_an_hour_without_force_or_cluster():
+    from messearch import search_size
+    from messearch.info import space_info
+    info = space_info("quickstart", n_images=20)
+    est = info["search_estimate"]
+    for mode, n in (("shared", info["n_configs"]), ("per-exit", info["n_configs_per_exit_thresholds"])):
+        e = est[mode]
+        assert e["n_configs"] == n - 1 and e["configs_per_cpu_s"] > 0   # info counts the reference row too
+        assert e["seconds"] == pytest.approx(e["n_configs"] / e["configs_per_cpu_s"] / e["cores"])
+    long = {"n_configs": 10**12, "configs_per_cpu_s": 1e6, "cores": 2, "cpu_seconds": 1e6, "seconds": 5e5, "bytes": 1}
+    with pytest.raises(MessError, match="--force.*--address"):
+        search_size.check(long, force=False, address=None)
+    search_size.check(long, force=True, address=None)
+    search_size.check(long, force=False, address="10.0.0.1:6379")
+    assert search_size.n_shards(long, 2) == math.ceil(1e6 / search_size.TRIAL_SECONDS)   # no trial over a minute

@@ -1,0 +1,121 @@
+"""How long a search takes on this machine, measured, not assumed: the evaluator's rate over a few seconds of
+sampled work, the time on the cores at hand, the shard count that keeps every trial short, and the refusal of
+a space estimated over an hour unless forced or sent to a cluster."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .cache_format import CacheArrays
+from .errors import MessError
+from .search import BLOCK_ELEMS, Prepared, evaluate_items, prepare
+from .search_spec import SearchSpec
+from .shard_front import FrontSink
+
+TRIAL_SECONDS = 30.0        # evaluation time a shard aims at: a failed trial is retried cheaply, none nears a minute
+MAX_LOCAL_SECONDS = 3600.0  # a longer search asks for --force or a cluster address
+MEASURE_SECONDS = 2.0
+
+
+def synthetic_cache(positions, heads, n_images: int, n_classes: int, seed: int = 0) -> CacheArrays:
+    """A consistent random cache of a space's shape (deeper exits more accurate and confident), for the rate."""
+    rng = np.random.default_rng(seed)
+    e = len(positions) * len(heads) + 1
+    gt = rng.multinomial(10_000, rng.dirichlet(np.ones(n_classes)), n_images).astype(np.int64)
+    acc = np.clip(np.linspace(0.5, 0.95, e)[None, :] + rng.normal(0, 0.1, (n_images, e)), 0.05, 1.0)
+    tp = rng.binomial(gt[:, None, :], acc[:, :, None])
+    pred = tp + rng.binomial(gt[:, None, :] - tp, 0.5)
+    conf = np.clip(acc + rng.normal(0, 0.05, acc.shape), 1.0 / n_classes, 1.0)
+    n_pixels = gt.sum(axis=1)
+    n_above = np.repeat(n_pixels[:, None, None], e, axis=1)[..., None].repeat(2, axis=2)
+    return CacheArrays(image_ids=[f"s{i}" for i in range(n_images)], positions=list(positions), heads=list(heads),
+                       tp=tp, pred=pred, gt=gt, conf_mean=conf, n_above=n_above, n_pixels=n_pixels, meta={"n_bins": 1})
+
+
+def measure_rate(prep: Prepared, items: list[tuple], seconds: float = MEASURE_SECONDS, seed: int = 0) -> dict:
+    """The evaluator's configurations per CPU-second on this machine, from work items sampled by size.
+
+    Items are drawn with probability proportional to their size (where the search spends its time) among
+    those the budget can finish, and evaluated until `seconds` of CPU time have passed.
+    """
+    trees = [it for it in items if it[0] == "tree"]
+    sink = FrontSink(prep)
+    t0 = time.process_time()
+    if trees:
+        sizes = np.array([float(it[-1]) for it in trees])
+        pool = np.flatnonzero(sizes <= max(sizes.min(), seconds * 2e6))
+        rng = np.random.default_rng(seed)
+        for i in rng.choice(pool, size=len(pool), replace=False, p=sizes[pool] / sizes[pool].sum()):
+            evaluate_items(prep, [trees[i]], sink)
+            if time.process_time() - t0 >= seconds:
+                break
+    cpu = max(time.process_time() - t0, 1e-6)
+    return {"configs_per_cpu_s": sink.n_evaluated / cpu, "sampled": sink.n_evaluated, "cpu_s": cpu}
+
+
+def estimate(prep: Prepared, spec: SearchSpec, items: list[tuple], cores: int, seconds: float = MEASURE_SECONDS) -> dict:
+    """Configurations, the evaluator's measured configurations per CPU-second, expected seconds on `cores`,
+    and peak bytes of one shard."""
+    m = measure_rate(prep, items, seconds)
+    rate = max(m["configs_per_cpu_s"], 1.0)
+    n = spec.n_configs()
+    tc = 1 if prep.shared else len(prep.thresholds)
+    d_bytes = prep.n * prep.n_exits * tc * prep.width * prep.xd.itemsize
+    return {"n_configs": n, "configs_per_cpu_s": rate, "cores": int(cores), "cpu_seconds": n / rate,
+            "seconds": n / rate / max(1, int(cores)), "measured_configs": m["sampled"],
+            "bytes": int(2 * d_bytes + 6 * 8 * BLOCK_ELEMS[prep.shared] + prep.xd.nbytes + prep.fail.nbytes)}
+
+
+def n_shards(est: dict, cores: int) -> int:
+    """Enough shards for every core, and for no shard to evaluate for more than about TRIAL_SECONDS."""
+    return max(1, int(cores), math.ceil(est["cpu_seconds"] / TRIAL_SECONDS))
+
+
+def human_seconds(s: float) -> str:
+    """3 s, 4.2 min, 1.5 h."""
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+def describe(est: dict) -> str:
+    """One line: the size of the search and its expected time here."""
+    return (f"{est['n_configs']:,} configurations: about {human_seconds(est['seconds'])} on {est['cores']} core(s) "
+            f"(evaluator measured here at {est['configs_per_cpu_s'] / 1e6:.2f}M configurations per CPU-second)")
+
+
+def check(est: dict, force: bool, address: str | None, max_bytes: int | None = None) -> None:
+    """Refuse (MessError) a search estimated over an hour on this machine without --force or a cluster address,
+    or one whose shard would not fit in memory without --force."""
+    if max_bytes is None:
+        try:
+            import os
+            max_bytes = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * 0.5)
+        except (ValueError, OSError):
+            max_bytes = 8 << 30
+    if force:
+        return
+    if est["seconds"] > MAX_LOCAL_SECONDS and not address:
+        raise MessError(f"the space has {describe(est)}, over {human_seconds(MAX_LOCAL_SECONDS)}: pass --force to "
+                        "run it here, or --address of a Ray cluster with more cores; or shrink it (fewer exits, "
+                        "positions, heads or thresholds; shared thresholds)")
+    if est["bytes"] > max_bytes:
+        raise MessError(f"a shard of the space needs about {est['bytes'] / 2**30:.1f} GiB, over the "
+                        f"{max_bytes / 2**30:.1f} GiB available: shrink it or pass --force")
+
+
+def space_estimates(space, macs, n_images: int, cores: int, seconds: float = MEASURE_SECONDS) -> dict:
+    """Estimated search time of a space on `cores` of this machine, shared and per-exit thresholds, from the
+    evaluator's rate measured on a synthetic cache of n_images images (its exit statistics only)."""
+    from .search_driver import plan_items
+    cache = synthetic_cache(space.positions, space.head_names, n_images, space.num_classes)
+    out = {}
+    for mode in ("shared", "per-exit"):
+        spec = SearchSpec(positions=list(space.positions), heads=list(space.head_names),
+                          thresholds=tuple(space.thresholds), max_exits=space.max_exits, thresholds_mode=mode,
+                          mode=space.mode)
+        est = estimate(prepare(cache, spec, macs), spec, plan_items(spec), cores, seconds / 2)
+        out[mode] = {k: est[k] for k in ("n_configs", "configs_per_cpu_s", "cores", "seconds")}
+    out["n_images"] = n_images
+    return out

@@ -1,0 +1,53 @@
+"""What to search (`SearchSpec`): candidate exits, thresholds, exit policy, mode, and constraints on the front."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .config import count_configs
+from .errors import MessError
+
+
+@dataclass
+class SearchSpec:
+    """What to search: candidate exits, thresholds, exit policy, mode, and optional constraints on the front."""
+
+    positions: list[str]
+    heads: list[str]
+    thresholds: tuple[float, ...]
+    max_exits: int = 3
+    thresholds_mode: str = "shared"        # shared | per-exit
+    mode: str = "cascade"                  # cascade | single (adds static truncations)
+    policy_kind: str = "mean"              # mean | fraction
+    pixel_threshold_bin: int | None = None
+    max_gmacs: float | None = None
+    max_latency_ms: dict[str, float] = field(default_factory=dict)
+    min_miou: float | None = None
+    max_miou_drop_pp: float | None = None
+    # SearchSpec.from_space(space, ...) is added next to the Space class.
+
+    @property
+    def has_constraints(self) -> bool:
+        return any(v is not None for v in (self.max_gmacs, self.min_miou, self.max_miou_drop_pp)) or bool(self.max_latency_ms)
+
+    def validate(self) -> None:
+        """Raise MessError naming the first field whose value is not allowed."""
+        if self.thresholds_mode not in ("shared", "per-exit"):
+            raise MessError(f"thresholds mode {self.thresholds_mode!r} is not allowed; use 'shared' or 'per-exit'")
+        if self.mode not in ("cascade", "single"):
+            raise MessError(f"search mode {self.mode!r} is not allowed; use 'cascade' or 'single'")
+        if self.policy_kind not in ("mean", "fraction"):
+            raise MessError(f"exit policy kind {self.policy_kind!r} is not allowed; use 'mean' or 'fraction'")
+        if not self.positions or not self.heads:
+            raise MessError("the search needs at least one candidate position and one head variant")
+        if int(self.max_exits) < 1:
+            raise MessError(f"max_exits {self.max_exits} must be at least 1 (more than the positions allow is capped)")
+        thr = [float(t) for t in self.thresholds]
+        if not thr or len(set(thr)) != len(thr) or not all(math.isfinite(t) for t in thr):
+            raise MessError(f"thresholds {list(self.thresholds)} must be a non-empty list of distinct finite numbers")
+
+    def n_configs(self) -> int:
+        """Configurations in the space, the reference row excluded."""
+        return count_configs(len(self.positions), len(self.heads), len(self.thresholds), int(self.max_exits),
+                             self.thresholds_mode, self.mode, reference=False)
