@@ -52,6 +52,28 @@ def _timed(fns: dict, batches, device, repeats) -> dict:
     return best
 
 
+def measure(net, batches, device, n_bins: int, repeats: int, unfused: bool = False) -> dict:
+    """Best seconds over `batches` of the plain pass, the cache pass and the network alone, and their ratios."""
+    @torch.inference_mode()
+    def plain(images, masks):
+        return net.base(images)["out"].argmax(dim=1)
+
+    @torch.inference_mode()
+    def heads_only(images, masks):   # the cache pass without its statistics: what the network itself costs
+        feats, taps = net.forward_features(images)
+        return net.exit_logits(feats, images.shape[-2:]), net.final(taps, images.shape[-2:])
+
+    fns = {"plain": plain, "cache": lambda images, masks: cache_batch(net, images, masks, n_bins), "network": heads_only}
+    if unfused:
+        fns["unfused"] = lambda images, masks: cache_batch(net, images, masks, n_bins, fused=False)
+    t = _timed(fns, batches, device, repeats)
+    out = {"plain_s": round(t["plain"], 4), "cache_s": round(t["cache"], 4), "ratio": round(t["cache"] / t["plain"], 3),
+           "network_only_s": round(t["network"], 4), "network_only_ratio": round(t["network"] / t["plain"], 3)}
+    if unfused:
+        out.update(unfused_s=round(t["unfused"], 4), unfused_ratio=round(t["unfused"] / t["plain"], 3))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--space", default="messearch/spaces/quickstart.yaml")
@@ -85,29 +107,12 @@ def main() -> None:
         items = [ds[i] for i in range(lo, min(lo + a.batch_size, n))]
         batches.append((torch.stack([x for x, _ in items]).to(device), torch.stack([m for _, m in items]).to(device)))
 
-    @torch.inference_mode()
-    def plain(images, masks):
-        return net.base(images)["out"].argmax(dim=1)
-
-    @torch.inference_mode()
-    def heads_only(images, masks):   # the cache pass without its statistics: what the network itself costs
-        feats, taps = net.forward_features(images)
-        return net.exit_logits(feats, images.shape[-2:]), net.final(taps, images.shape[-2:])
-
-    cache = lambda images, masks: cache_batch(net, images, masks, n_bins)  # noqa: E731
-    fns = {"plain": plain, "cache": cache, "network": heads_only}
-    if a.unfused:
-        fns["unfused"] = lambda images, masks: cache_batch(net, images, masks, n_bins, fused=False)
-    t = _timed(fns, batches, device, a.repeats)
-    t_plain, t_cache, t_heads = t["plain"], t["cache"], t["network"]
     out = {"benchmark": "cache_ratio", "space": space.name, "model": space.model, "device": str(device),
            "device_name": device_name(device),
            "threads": torch.get_num_threads(), "images": n, "batch_size": a.batch_size, "input_size": list(space.input_size),
            "candidate_exits": len(net.exits), "classes": space.num_classes, "n_bins": n_bins,
-           "plain_s": round(t_plain, 4), "cache_s": round(t_cache, 4), "ratio": round(t_cache / t_plain, 3),
-           "network_only_s": round(t_heads, 4), "network_only_ratio": round(t_heads / t_plain, 3)}
-    if a.unfused:
-        out.update(unfused_s=round(t["unfused"], 4), unfused_ratio=round(t["unfused"] / t_plain, 3))
+           **measure(net, batches, device, n_bins, a.repeats, a.unfused)}
+    cache = lambda images, masks: cache_batch(net, images, masks, n_bins)  # noqa: E731
     macs = mac_table(space)
     out["macs_ratio"] = round(float(macs.backbone_total + macs.head.sum() + macs.final) / float(macs.reference), 3)
     # On-disk size: this run's rows as one zstd Parquet shard, exactly as build_cache writes them.

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from . import stats
 from .cache_format import Manifest, cache_sha256, check_expected, read_manifest, shard_ok
 from .checkpoint import load_checkpoint, read_checkpoint
-from .data import build_dataset
-from .devices import device_name
+from .data import build_dataset, check_dataset
+from .devices import device_name, exact_numerics, parse_device
 from .errors import MessError
 from .files import atomic_path, atomic_write_text, sha256_file
 from .ray_runtime import connect
@@ -53,6 +53,8 @@ def cache_batch(net, images: torch.Tensor, masks: torch.Tensor, n_bins: int, fus
     size = images.shape[-2:]
     feats, taps = net.forward_features(images)
     n_exits = len(net.exits)
+    if fused:   # the mask's one check (a host sync); the chunks' statistics then stay on the device
+        stats.check_batch(images, masks, space.num_classes, space.ignore_index)
     # Exits in chunks, so that only a few full-resolution logit maps are alive at once.
     per_chunk = max(1, FUSE_ELEMENTS // max(1, images.shape[0] * size[0] * size[1] * (n_bins + 1)))
     parts = []
@@ -62,7 +64,8 @@ def cache_batch(net, images: torch.Tensor, masks: torch.Tensor, n_bins: int, fus
         if idx[-1] == n_exits:
             logits.append(net.final(taps, size))
         parts.append(stats.batch_statistics(logits, masks, space.num_classes, space.ignore_index, n_bins, fused,
-                                           keep_confusion))
+                                           keep_confusion, check=not fused))
+    # One host copy per statistic per batch (not per exit or chunk).
     out = {k: torch.cat([p[k] for p in parts], dim=1).cpu().numpy() for k in parts[0] if k != "gt"}
     out["gt"] = parts[0]["gt"].cpu().numpy()
     out["n_pixels"] = np.full(images.shape[0], size[0] * size[1], dtype=np.int64)
@@ -76,6 +79,7 @@ class CacheWorker:
 
     def __init__(self, checkpoint_bytes: bytes, data_spec: str, split: str, device: str):
         self.device = torch.device(device)
+        exact_numerics(self.device)
         net, space, _ = load_checkpoint(io.BytesIO(checkpoint_bytes))
         self.net = net.to(self.device)
         self.space = space
@@ -156,12 +160,16 @@ def _resumable(old: Manifest, new: Manifest, out_dir: Path) -> None:
 def build_cache(checkpoint, data_spec: str | None, split: str, out_dir, actors: int | None = None,
                 gpus_per_actor: float | None = None, batch_size: int = 1, resume: bool = False,
                 keep_confusion: bool = False, address: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                progress: bool = True, on_shard=None) -> Manifest:
+                progress: bool = True, on_shard=None, local: bool = False, device: str | None = None,
+                threads: int = 1) -> Manifest:
     """Cache every image x exit of `split` in `out_dir` with a pool of Ray actors; returns the manifest.
 
     data_spec None: the checkpoint's own. gpus_per_actor None: 1 when the cluster has GPUs, else CPU actors.
     `on_shard(shard_index, pool)` is called after each shard is written, with [(actor, info, busy)] of the live
     actors (monitoring and fault tests).
+    local: no Ray; the same CacheWorker runs the same shards in this process on `device` (default: cuda when
+    available, else cpu) with `threads` torch CPU threads (1, as a one-CPU Ray actor has: the same CPU rounding),
+    so the manifest, resume and hashes are the same and cache_sha256 equals a Ray-built cache's.
     """
     if batch_size < 1 or shard_size < 1:
         raise MessError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
@@ -170,6 +178,9 @@ def build_cache(checkpoint, data_spec: str | None, split: str, out_dir, actors: 
     ckpt_bytes = Path(checkpoint).read_bytes()      # actors get these bytes: remote nodes need no shared disk
     space = space_from_text(payload["space_text"], payload.get("space_source") or f"{checkpoint}:space")
     data_spec = data_spec or payload.get("data") or space.data
+    # Every file's header before Ray starts (as train does): a missing, unreadable or mis-sized file is named now,
+    # not as a remote error from an actor minutes later.
+    check_dataset(data_spec, split, space.num_classes)
     ds = build_dataset(data_spec, split, space.input_size, train=False, ignore_index=space.ignore_index,
                        num_classes=space.num_classes)
     if len(ds) == 0:
@@ -191,16 +202,53 @@ def build_cache(checkpoint, data_spec: str | None, split: str, out_dir, actors: 
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_manifest(out_dir, manifest)
     todo = deque(manifest.recomputed)
-    if todo:
+    if todo and local:
+        _run_local(manifest, todo, ckpt_bytes, out_dir, device, threads, progress, on_shard)
+    elif todo:
         _run_pool(manifest, todo, ckpt_bytes, out_dir, actors, gpus_per_actor, address, progress, on_shard)
     manifest.complete = True
-    manifest.cache_sha256 = cache_sha256(manifest.shards)
+    manifest.cache_sha256 = cache_sha256(manifest)
     _write_manifest(out_dir, manifest)
     return manifest
 
 
 def _write_manifest(out_dir: Path, manifest: Manifest) -> None:
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest.to_dict()))
+
+
+def _record_shard(manifest: Manifest, k: int, rows: dict, info: dict | None, out_dir: Path) -> None:
+    """Write shard k's rows (Parquet, atomically) and record it in the manifest on disk."""
+    plan = manifest.plan
+    if rows["image_id"] != manifest.image_ids[k]:
+        raise MessError(f"shard {k}: the worker's image ids differ from the driver's (data differ between nodes?)")
+    path = out_dir / f"shard-{k:05d}.parquet"
+    digest = _write_shard(path, rows)
+    manifest.shards[k] = {"index": k, "start": plan[k][0], "stop": plan[k][1], "file": path.name,
+                          "rows": plan[k][1] - plan[k][0], "sha256": digest, "worker": info}
+    if info and info not in manifest.workers:
+        manifest.workers.append(info)
+    _write_manifest(out_dir, manifest)
+
+
+def _run_local(manifest: Manifest, todo, ckpt_bytes, out_dir, device, threads, progress, on_shard) -> None:
+    """The shards one after another in this process: one CacheWorker, as a Ray actor would run them."""
+    dev = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        worker = CacheWorker(ckpt_bytes, manifest.data, manifest.split, str(dev))
+        info = worker.info()
+        plan = manifest.plan
+        with tqdm(total=sum(plan[k][1] - plan[k][0] for k in todo), unit="img", desc=f"cache ({dev}, local)",
+                  disable=not progress, file=sys.stderr) as bar:
+            for k in todo:
+                rows = worker.run(plan[k][0], plan[k][1], manifest.batch_size, manifest.n_bins, manifest.keep_confusion)
+                _record_shard(manifest, k, rows, info, out_dir)
+                bar.update(plan[k][1] - plan[k][0])
+                if on_shard is not None:
+                    on_shard(k, [(worker, info, False)])
+    finally:
+        torch.set_num_threads(before)
 
 
 def _pool_size(ray, actors, gpus_per_actor, n_todo) -> tuple[int, float]:
@@ -217,9 +265,8 @@ def _pool_size(ray, actors, gpus_per_actor, n_todo) -> tuple[int, float]:
 
 
 def _run_pool(manifest, todo, ckpt_bytes, out_dir, actors, gpus_per_actor, address, progress, on_shard) -> None:
+    ray = connect(address, what="`messearch cache` (Ray actors)", instead="cache in this process with --local")
     from ray.exceptions import RayActorError
-
-    ray = connect(address)
     n_actors, gpus = _pool_size(ray, actors, gpus_per_actor, len(todo))
     opts = {"num_gpus": gpus, "num_cpus": 1} if gpus > 0 else {"num_cpus": 1}
     Worker = ray.remote(max_restarts=0, max_task_retries=0)(CacheWorker).options(**opts)
@@ -276,15 +323,7 @@ def _run_pool(manifest, todo, ckpt_bytes, out_dir, actors, gpus_per_actor, addre
             except RayActorError as err:   # the actor (its process or node) died mid-shard: redo it elsewhere
                 died(a, err, k)
                 continue
-            if rows["image_id"] != manifest.image_ids[k]:
-                raise MessError(f"shard {k}: the actor's image ids differ from the driver's (data differ between nodes?)")
-            path = out_dir / f"shard-{k:05d}.parquet"
-            digest = _write_shard(path, rows)
-            manifest.shards[k] = {"index": k, "start": plan[k][0], "stop": plan[k][1], "file": path.name,
-                                     "rows": plan[k][1] - plan[k][0], "sha256": digest, "worker": infos.get(a)}
-            if infos.get(a) and infos[a] not in manifest.workers:
-                manifest.workers.append(infos[a])
-            _write_manifest(out_dir, manifest)
+            _record_shard(manifest, k, rows, infos.get(a), out_dir)
             bar.update(plan[k][1] - plan[k][0])
             if on_shard is not None:
                 busy = {b for b, _ in running.values()}

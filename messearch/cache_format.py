@@ -94,6 +94,13 @@ class Manifest:
             raise MessError(f"{where}: the cache manifest lacks {missing}; rebuild the cache with `messearch cache`")
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def format_summary(self, out_dir) -> str:
+        """One line for the end of `messearch cache`: images, exits, shards (computed now, retried), size, hash."""
+        size = sum((Path(out_dir) / s["file"]).stat().st_size for s in self.shards if s)
+        return (f"cache {out_dir}: {self.n_images} images x {len(self.exits)} exits ({len(self.exits) - 1} candidates "
+                f"+ final), {self.num_classes} classes, {len(self.shards)} shards ({len(self.recomputed)} computed now, "
+                f"{len(self.retries)} retried), {size / 1e6:.2f} MB; cache_sha256 {str(self.cache_sha256)[:12]}")
+
     def meta(self) -> dict:
         """Everything but the shard records, as CacheArrays.meta."""
         return {k: v for k, v in self.to_dict().items() if k != "shards"}
@@ -155,9 +162,30 @@ def shard_ok(out_dir: Path, rec: dict | None) -> bool:
     return path.exists() and sha256_file(path) == rec["sha256"]
 
 
-def cache_sha256(shards: list[dict]) -> str:
-    """The cache's hash: of its shards' hashes, in order."""
-    return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+# What a cache holds besides its shards' bytes: cache_sha256 covers these fields too, so that a manifest edited by
+# hand (exits reordered, another policy or image count) is refused instead of mislabelling every statistic.
+IDENTITY_FIELDS = ("format", "checkpoint_sha256", "space_text", "data", "split", "n_images", "num_classes",
+                   "ignore_index", "input_size", "n_bins", "policy", "positions", "heads", "exits", "batch_size",
+                   "shard_size", "keep_confusion", "plan", "image_ids")
+
+
+def cache_sha256(m: Manifest) -> str:
+    """The cache's hash: of its identity fields (IDENTITY_FIELDS, canonical JSON) and its shards' hashes, in order."""
+    identity = json.dumps({k: getattr(m, k) for k in IDENTITY_FIELDS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256((identity + "".join(s["sha256"] for s in m.shards)).encode()).hexdigest()
+
+
+def check_consistent(m: Manifest, where) -> None:
+    """MessError when the manifest's metadata disagrees with its hash or with itself (exits vs space, image counts)."""
+    if m.cache_sha256 != cache_sha256(m):
+        raise MessError(f"{where}/manifest.json: its metadata no longer matches its cache_sha256 (edited by hand, or "
+                        f"written by an older messearch); `messearch cache --checkpoint {m.checkpoint} --out {where} "
+                        f"--resume` (with the settings it was built with) re-verifies the shards and rewrites it")
+    from_space = [[p, h] for p in m.positions for h in m.heads] + [["<final>", "final"]]
+    counts = (m.n_images, sum(len(ids) for ids in m.image_ids), sum(hi - lo for lo, hi in m.plan))
+    if [list(e) for e in m.exits] != from_space or len(set(counts)) != 1:
+        raise MessError(f"{where}/manifest.json: its exits or image counts disagree with its own positions, heads and "
+                        f"shards; rebuild the cache with `messearch cache`")
 
 
 def check_expected(m: Manifest, where, expect_checkpoint_sha256=None, expect_space_text=None) -> None:
@@ -183,6 +211,7 @@ def _complete_manifest(out_dir: Path, expect_checkpoint_sha256=None, expect_spac
     check_expected(manifest, out_dir, expect_checkpoint_sha256, expect_space_text)
     if not manifest.complete:
         raise MessError(f"{out_dir}: the cache is incomplete; finish it with `messearch cache ... --resume`")
+    check_consistent(manifest, out_dir)
     return manifest
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import sys
+import threading
 
 from .errors import MessError
 
@@ -45,7 +49,7 @@ def _run_info(args) -> int:
 
 
 def _add_cache(sub) -> None:
-    p = sub.add_parser("cache", help="Ray actors cache exact per-exit statistics of a split; resumable")
+    p = sub.add_parser("cache", help="Ray actors (or this process: --local) cache exact per-exit statistics; resumable")
     p.add_argument("--checkpoint", required=True, help="the MESS checkpoint (DIR/mess.pt)")
     p.add_argument("--data", default=None, help="data spec (default: the checkpoint's), e.g. synthetic or camvid:PATH")
     p.add_argument("--split", default="val")
@@ -57,22 +61,26 @@ def _add_cache(sub) -> None:
     p.add_argument("--keep-confusion", action="store_true", help="also keep every (image, exit) confusion matrix")
     p.add_argument("--resume", action="store_true", help="continue or verify a cache: keep verified shards, redo the rest")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--local", action="store_true",
+                   help="no Ray: the same worker runs every shard in this process (same manifest, resume and hashes)")
+    p.add_argument("--device", default=None, help="with --local: cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="with --local: torch CPU threads (default 1, as a Ray actor: the same CPU rounding)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _run_cache(args) -> int:
-    from pathlib import Path
-
     from .cache import DEFAULT_SHARD_SIZE, build_cache
 
+    if args.device and not args.local:
+        raise MessError(f"--device {args.device}: only with --local (Ray actors take a GPU each when the cluster "
+                        f"has GPUs; see --gpus-per-actor)")
     m = build_cache(args.checkpoint, args.data, args.split, args.out, actors=args.actors,
                     gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, resume=args.resume,
                     keep_confusion=args.keep_confusion, address=args.address,
-                    shard_size=args.shard_size or DEFAULT_SHARD_SIZE, progress=not args.quiet)
-    size = sum((Path(args.out) / s["file"]).stat().st_size for s in m.shards)
-    print(f"cache {args.out}: {m.n_images} images x {len(m.exits)} exits ({len(m.exits) - 1} candidates + final), "
-          f"{m.num_classes} classes, {len(m.shards)} shards ({len(m.recomputed)} computed now, "
-          f"{len(m.retries)} retried), {size / 1e6:.2f} MB; cache_sha256 {m.cache_sha256[:12]}")
+                    shard_size=args.shard_size or DEFAULT_SHARD_SIZE, progress=not args.quiet, local=args.local,
+                    device=args.device, threads=args.threads)
+    print(m.format_summary(args.out))
     return 0
 
 
@@ -237,6 +245,13 @@ def _add_search(sub) -> None:
     p.add_argument("--force", action="store_true", help="search even a space estimated too large for this machine")
     p.add_argument("--local", action="store_true", help="run the shards in this process, without Ray")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="N",
+                   help="bootstrap resamples of the images for each front row's 90%% intervals (0: none; default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resamples and of the hold-out split (default 0)")
+    p.add_argument("--holdout", type=float, metavar="F",
+                   help="keep a share F of the cached images out of the search and report each row on them")
+    p.add_argument("--holdout-by", choices=("image", "group"), default="image",
+                   help="split images, or whole groups (file-name prefix: CamVid sequence, Cityscapes city)")
 
 
 def _run_search(args) -> int:
@@ -247,7 +262,10 @@ def _run_search(args) -> int:
                          max_gmacs=args.max_gmacs, max_latency_ms=_device_budget(args.max_latency_ms),
                          min_miou=args.min_miou, max_miou_drop_pp=args.max_miou_drop_pp, shards=args.shards,
                          keep_all=args.keep_all, resume=args.resume, force=args.force, address=args.address,
-                         local=args.local)
+                         local=args.local, bootstrap=args.bootstrap, seed=args.seed, holdout=args.holdout,
+                         holdout_by=args.holdout_by)
+    if args.bootstrap < 0:
+        raise MessError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 (none) or more")
     df = search_to_front(args.cache, args.out, opts, space_path=args.space)
     print(summary_line(df))
     print(f"wrote {args.out}")
@@ -261,6 +279,8 @@ def _add_query(sub) -> None:
     p.add_argument("--sort", default="mean_gmacs", help="column to sort by (default mean_gmacs)")
     p.add_argument("--descending", action="store_true")
     p.add_argument("--top", type=int, help="at most N rows")
+    p.add_argument("--robust", action="store_true",
+                   help="the mIoU drop must also hold for the 90%% lower bound and the hold-out mIoU; no fragile rows")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON records")
     fmt.add_argument("--csv", action="store_true", help="CSV")
@@ -271,7 +291,7 @@ def _run_query(args) -> int:
 
     rows = query_front(args.front, max_gmacs=args.max_gmacs, max_latency_ms=_device_budget(args.max_latency_ms),
                        min_miou=args.min_miou, max_miou_drop_pp=args.max_miou_drop_pp, sort=args.sort,
-                       descending=args.descending, top=args.top)
+                       descending=args.descending, top=args.top, robust=args.robust)
     if args.json:
         print(rows.to_json(orient="records"))
     elif args.csv:
@@ -300,6 +320,16 @@ def _add_pipeline_args(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--epochs", type=int, help="epochs of each training stage (default: the space's)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--robust", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose the cheapest row whose 90%% lower mIoU bound (and hold-out mIoU) is within 0.5 pp "
+                        "and whose cost holds under a 0.05 confidence shift (default: the plain rule)")
+    p.add_argument("--holdout", type=float, metavar="F", help="search on a share 1-F of val, check rows on F (search --holdout)")
+    p.add_argument("--holdout-by", choices=("image", "group"), default="image", help="as search --holdout-by")
+
+
+def _search_opts(args):
+    from .search_driver import SearchOptions
+    return SearchOptions(holdout=args.holdout, holdout_by=args.holdout_by)
 
 
 def _add_pipeline(sub) -> None:
@@ -313,7 +343,7 @@ def _run_pipeline(args) -> int:
     from .pipeline import format_summary_md, run_pipeline
 
     summary = run_pipeline(args.space, args.data, args.out, address=args.address, device=args.device, epochs=args.epochs,
-                           init_checkpoint=args.init_checkpoint)
+                           init_checkpoint=args.init_checkpoint, robust=args.robust, search_opts=_search_opts(args))
     print(format_summary_md(summary))
     return 0
 
@@ -331,11 +361,15 @@ def _run_quickstart(args) -> int:
     from .pipeline import QUICKSTART_SPACE, format_summary_md, run_pipeline
 
     summary = run_pipeline(str(QUICKSTART_SPACE), args.data, args.out, address=args.address, device=args.device,
-                           epochs=args.epochs)
+                           epochs=args.epochs, robust=args.robust, search_opts=_search_opts(args))
     print(format_summary_md(summary))
     print(f"results in {args.out}: pareto.parquet, pareto.png, model.pt, summary.md")
     return 0
 
+
+# Where each command writes: its --out is a file or a folder, checked before any work starts.
+OUT_IS_FOLDER = {"cache": True, "train": True, "pipeline": True, "quickstart": True,
+                 "profile": False, "export": False, "search": False, "plot": False}
 
 # Each command: (adder, runner). Add new commands here, in the order `--help` lists them.
 COMMANDS = {
@@ -358,23 +392,119 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="messearch", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full (remote) stack too")
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
     return parser
 
 
+def _kept(args) -> str:
+    """What an interrupted command kept and how to resume it (one clause)."""
+    from pathlib import Path
+
+    cmd, out = args.command, Path(getattr(args, "out", None) or ".")
+    if cmd == "cache":
+        try:
+            shards = json.loads((out / "manifest.json").read_text())["shards"]
+            done = sum(s is not None for s in shards)
+        except (OSError, ValueError, KeyError, TypeError):
+            return "nothing was cached; rerun the same command to start again"
+        return f"{done} of {len(shards)} shards kept in {out}; rerun the same command with --resume to finish"
+    if cmd == "search":
+        if args.local:
+            return f"no front written to {out}; rerun the same command to search again"
+        return (f"no front written to {out}; Ray Tune's progress kept in {out.resolve().parent / 'tune'}; "
+                f"rerun the same command with --resume to continue")
+    if cmd == "train":
+        state = out / "train_state.pt"
+        if state.exists():
+            return f"completed epochs kept in {state}; rerun the same command with --resume to continue"
+        return "no epoch completed, nothing kept; rerun the same command to start again"
+    if cmd in ("pipeline", "quickstart"):
+        return f"completed stages kept in {out}; rerun the same command to resume from the first unfinished one"
+    return "nothing was written; rerun the same command"
+
+
+def _error_line(e: BaseException, debug: bool) -> str:
+    """The one line printed for a user error; a remote (Ray worker) error shows its original message, and its
+    stack goes to a log file the line names (or to stderr with --debug)."""
+    import tempfile
+    import time
+    import traceback
+
+    from .errors import is_remote, remote_cause
+
+    if not is_remote(e):
+        if debug:
+            traceback.print_exception(e)
+        return f"error: {e}"
+    cause = remote_cause(e)
+    stack = "Traceback of the error raised in a Ray worker:\n" + re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if debug:
+        print(stack, file=sys.stderr)
+        return f"error: {first}"
+    log = os.path.join(tempfile.gettempdir(), f"messearch-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    try:
+        with open(log, "w", encoding="utf-8") as f:
+            f.write(stack + "\n")
+    except OSError:
+        return f"error: {first} (rerun with --debug for the remote stack)"
+    return f"error: {first} (remote stack in {log})"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl+C so the same clean-up runs; exits 143."""
+
+
+def _on_sigterm(signum, frame):
+    # Deliver SIGTERM the way Ctrl+C arrives: a running Ray Tune has its own SIGINT handler that stops trials
+    # gracefully (and saves its state); otherwise Python's raises KeyboardInterrupt.
+    global _terminated
+    _terminated = True
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)
+    else:
+        raise _Terminated()
+
+
+_terminated = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
+    from .errors import is_remote, remote_cause
+    from .ray_runtime import shutdown_own
+
+    global _terminated
     args = build_parser().parse_args(argv)
+    _terminated = False
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if getattr(args, "out", None) and args.command in OUT_IS_FOLDER:
+            from .files import check_writable
+
+            check_writable(args.out, folder=OUT_IS_FOLDER[args.command])
         return COMMANDS[args.command][1](args) or 0
-    except MessError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        code = 143 if (_terminated or isinstance(e, _Terminated)) else 130
+        print(f"interrupted ({'SIGTERM' if code == 143 else 'Ctrl+C'}): {_kept(args)}", file=sys.stderr)
+        return code
+    except Exception as e:
+        # A user error, or any error raised inside a Ray worker: one line (the remote stack goes to a log file).
+        # Anything else is a bug in messearch and keeps its traceback.
+        if not isinstance(e, MessError) and not is_remote(e):
+            raise
+        print(_error_line(e, args.debug), file=sys.stderr)
+        return 2 if isinstance(remote_cause(e), MessError) else 1
+    finally:
+        shutdown_own()   # only a local Ray this process started; a joined cluster is left alone
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

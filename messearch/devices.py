@@ -24,6 +24,15 @@ def parse_device(device: str) -> torch.device:
     return dev
 
 
+def exact_numerics(device: torch.device) -> None:
+    """On CUDA, deterministic cuDNN without autotuning: the cache and the evaluation of an exported model then run
+    the same kernels on the same shapes, so the model measures the front's figures exactly (training turns
+    autotuning on for speed). Nothing to do on a CPU, where the thread count is what must match."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
 def device_kind(device: str) -> str:
     """'cuda' or 'cpu': the short name a profile file is named after."""
     return "cuda" if str(device).startswith("cuda") else "cpu"

@@ -20,7 +20,7 @@ from .checkpoint import FORMAT as CKPT_FORMAT
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import build_dataset, class_names
-from .devices import parse_device
+from .devices import device_name, exact_numerics, parse_device
 from .errors import MessError
 from .export import export_config, is_torchscript_file, load_exported
 from .export_meta import ExportMeta
@@ -56,6 +56,8 @@ class EvaluationResult:
     split: str
     torch_threads: int
     batch1: dict | None = None       # with compare_batch1 at batch > 1: pixels, exits and logits that differ
+    device_name: str = ""            # the GPU's or CPU's model name
+    timer: str = ""                  # cuda_events (GPU) or wall_clock (CPU)
 
     def to_json(self) -> dict:
         """The JSON summary: the front's keys first, then the counts; per-image lists left out."""
@@ -68,7 +70,7 @@ class EvaluationResult:
         rates = ", ".join(f"{v:.3f}" for v in self.exit_rates)
         lines = [
             f"{self.config_id or 'model'} ({self.kind}) on {self.data} [{self.split}], {self.n_images} images, "
-            f"{self.device}, batch {self.batch_size}",
+            f"{self.device} ({self.device_name}), batch {self.batch_size}",
             f"  mIoU {self.miou * 100:.2f}%   pixel acc {self.pixel_acc * 100:.2f}%",
             f"  exit rates (final last): {rates}",
             f"  mean GMACs (counted): {self.mean_gmacs:.4f}",
@@ -131,6 +133,7 @@ def _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progr
     if batch_size < 1:
         raise MessError(f"batch size {batch_size} must be >= 1")
     dev = parse_device(device)
+    exact_numerics(dev)   # the cache's kernels: what makes the measured figures equal the front's
     model = model.to(dev).eval()
     ds = build_dataset(data_spec, split, tuple(meta.input_size), train=False, ignore_index=meta.ignore_index,
                        num_classes=meta.num_classes)
@@ -139,7 +142,6 @@ def _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progr
         raise MessError(f"data {data_spec!r} split {split!r} has no images")
     k = meta.config.n_exits
     c, ignore, n_bins = meta.num_classes, meta.ignore_index, meta.policy["n_bins"]
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     tp = np.zeros(c, dtype=np.int64)
     pred = np.zeros(c, dtype=np.int64)
@@ -151,19 +153,15 @@ def _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progr
         if warmup > 0:
             x0 = torch.stack([ds[i][0] for i in range(min(batch_size, n))]).to(dev)
             for _ in range(warmup):
-                model(x0)
-            sync()
+                _timed_forward(model, x0, dev)
         for start in range(0, n, batch_size):
             items = [ds[i] for i in range(start, min(n, start + batch_size))]
             x = torch.stack([it[0] for it in items]).to(dev)
             mask = torch.stack([it[1] for it in items]).to(dev)
             times = []
             for _ in range(repeat):
-                sync()
-                t0 = time.perf_counter()
-                out = model(x)
-                sync()
-                times.append((time.perf_counter() - t0) * 1000.0)
+                out, ms = _timed_forward(model, x, dev)
+                times.append(ms)
                 if len(times) == 1:
                     logits, ex, mc = out
             lat += [float(np.median(times)) / len(items)] * len(items)
@@ -188,7 +186,25 @@ def _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progr
         tp=tp.tolist(), pred=pred.tolist(), gt=gt.tolist(), exits=exits, macs=macs,
         config_id=meta.provenance.get("config_id", ""), kind=meta.config.kind, device=str(dev),
         batch_size=batch_size, data=data_spec, split=split, torch_threads=torch.get_num_threads(),
-        batch1=diff if compare_batch1 and batch_size > 1 else None)
+        batch1=diff if compare_batch1 and batch_size > 1 else None, device_name=device_name(dev),
+        timer="cuda_events" if dev.type == "cuda" else "wall_clock")
+
+
+def _timed_forward(model, x: torch.Tensor, dev: torch.device):
+    """The model's outputs on x and the milliseconds the call took: on a GPU by CUDA events (the device's clock,
+    from before the first kernel of the call to after its last), on a CPU by the wall clock."""
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        out = model(x)
+        return out, (time.perf_counter() - t0) * 1000.0
+    with torch.cuda.device(dev):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()   # nothing queued before this call is timed
+        start.record()
+        out = model(x)
+        end.record()
+        end.synchronize()
+        return out, start.elapsed_time(end)
 
 
 def _compare(model, x, logits, ex, diff: dict) -> None:

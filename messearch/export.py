@@ -32,6 +32,7 @@ from .export_meta import ExportMeta
 from .files import atomic_path, atomic_write_bytes, load_weights_only, sha256_file
 from .front import read_front
 from .model import MESSNetwork
+from .provenance import check_built_policy, policy_to_build
 from .space import PolicySpec, Space, space_from_text
 
 FORMAT = "messearch/mess-export-v1"
@@ -344,12 +345,7 @@ def load_exported(path, map_location="cpu"):
 
 def build_export(checkpoint, front_path, config_id: str) -> DynamicExitModel:
     """The pruned model of row `config_id` of the front at `front_path`, checked to come from `checkpoint`."""
-    try:
-        df, meta = read_front(front_path)
-    except FileNotFoundError:
-        raise MessError(f"{front_path}: front not found") from None
-    except Exception as e:
-        raise MessError(f"{front_path}: not a readable pareto.parquet ({type(e).__name__}: {e})") from None
+    df, meta = read_front(front_path)
     if not _exists(checkpoint):
         raise MessError(f"{checkpoint}: checkpoint not found")
     sha = sha256_file(checkpoint)
@@ -366,15 +362,15 @@ def build_export(checkpoint, front_path, config_id: str) -> DynamicExitModel:
     row = rows.iloc[0]
     config = Config.from_row(row)
     net, space, info = load_checkpoint(checkpoint)
-    policy = space.policy
-    if meta.get("space_text"):  # the search's own space file holds the policy it assumed
-        policy = space_from_text(meta["space_text"], f"{front_path}:space").policy
+    policy = policy_to_build(meta, space.policy, front_path)   # the policy the search read, checked
     predicted = {k: _plain(row[k]) for k in row.index if k in ("miou", "pixel_acc", "mean_gmacs", "exit_rates",
                                                                "speedup", "miou_delta_pp") or k.startswith("latency_ms_")}
     provenance = {"config_id": config_id, "checkpoint": str(checkpoint), "checkpoint_sha256": sha,
                   "front": str(front_path), "cache_sha256": meta.get("cache_sha256", ""), "predicted": predicted}
     names = data_class_names(info.get("data") or space.data, space.num_classes)   # the data it was trained on
-    return export_config(net, space, config, provenance, policy, names)
+    model = export_config(net, space, config, provenance, policy, names)
+    check_built_policy(model.meta.policy, policy, front_path)
+    return model
 
 
 def export_model(checkpoint, front_path, config_id: str, out, torchscript: bool = False) -> str:

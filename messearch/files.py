@@ -56,4 +56,30 @@ def load_weights_only(path, what: str, map_location="cpu"):
     except FileNotFoundError:
         raise MessError(f"{path}: {what} not found") from None
     except Exception as e:  # a corrupt file, or one holding code rather than tensors
-        raise MessError(f"{path}: not a {what} that torch.load(weights_only=True) reads ({type(e).__name__}: {e})") from None
+        if "Weights only load failed" in str(e):
+            why = "it holds Python objects other than tensors, which weights_only=True refuses to unpickle"
+        else:
+            why = f"{type(e).__name__}: " + " ".join(str(e).split())[:300]
+        raise MessError(f"{path}: not a {what} that torch.load(weights_only=True) reads ({why})") from None
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False, flag: str = "--out") -> None:
+    """Refuse, before any work starts, an output path that cannot be written: a file path that is a folder (or a
+    folder path that is a file), a path under a file, or one whose folder is not writable (tried, not guessed)."""
+    import tempfile
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise MessError(f"{flag} {path}: is a file; give a folder")
+    if not folder and path.is_dir():
+        raise MessError(f"{flag} {path}: is a folder; give a file path (e.g. {path / 'NAME'})")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MessError(f"{flag} {path}: {parent} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".messearch-probe-"):
+            pass
+    except OSError as e:
+        raise MessError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})") from None

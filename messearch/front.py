@@ -8,11 +8,14 @@ Columns are DESIGN.md's (plus `kind` and one `latency_ms_<device>` per profiled 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import __version__
 from .config import KIND_NAMES, KIND_REFERENCE, KIND_STATIC, config_id
 from .errors import MessError
 from .files import atomic_path
@@ -143,9 +146,26 @@ def front_schema(latency_devices=()) -> pa.Schema:
     return pa.schema(fields)
 
 
-def latency_devices_of(df: pd.DataFrame) -> list[str]:
-    """Device names of the latency_ms_<device> columns of a front."""
-    return [c[len("latency_ms_"):] for c in df.columns if c.startswith("latency_ms_")]
+# How far to trust each row (messearch.trust), present when the search computed them.
+TRUST_FIELDS = {"miou_lo": pa.float64(), "miou_hi": pa.float64(), "delta_pp_lo": pa.float64(),
+                "delta_pp_hi": pa.float64(), "gmacs_lo": pa.float64(), "gmacs_hi": pa.float64(),
+                "holdout_miou": pa.float64(), "holdout_mean_gmacs": pa.float64(),
+                "holdout_exit_rates": pa.list_(pa.float64()), "near_threshold_share": pa.list_(pa.float64()),
+                "shift_mean_gmacs": pa.float64(), "fragile": pa.bool_()}
+
+
+def _trust_fields(df: pd.DataFrame, devices) -> list:
+    fields = [(c, t) for c, t in TRUST_FIELDS.items() if c in df.columns]
+    return fields + [(f"latency_ms_{d}_{s}", pa.float64()) for d in devices for s in ("lo", "hi")
+                     if f"latency_ms_{d}_{s}" in df.columns]
+
+
+def latency_devices_of(df) -> list[str]:
+    """Device names of the latency_ms_<device> columns of a front (a DataFrame, Series or column names);
+    the interval columns latency_ms_<device>_lo/_hi are not devices."""
+    cols = list(df.index if isinstance(df, pd.Series) else getattr(df, "columns", df))
+    lat = [c for c in cols if str(c).startswith("latency_ms_")]
+    return [c[len("latency_ms_"):] for c in lat if not (c[-3:] in ("_lo", "_hi") and c[:-3] in lat)]
 
 
 def write_front(df: pd.DataFrame, path, metadata: dict) -> None:
@@ -153,9 +173,11 @@ def write_front(df: pd.DataFrame, path, metadata: dict) -> None:
     missing = [c for c in BASE_COLUMNS if c not in df.columns]
     if missing:
         raise MessError(f"front is missing columns {missing}; pareto.parquet needs {BASE_COLUMNS}")
-    schema = front_schema(latency_devices_of(df))
+    devices = latency_devices_of(df)
+    schema = front_schema(devices)
+    schema = pa.schema(list(schema) + [pa.field(c, t) for c, t in _trust_fields(df, devices)])
     table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
-    meta = {"schema_version": SCHEMA_VERSION}
+    meta = {"schema_version": SCHEMA_VERSION, "writer": f"messearch {__version__}"}
     meta.update({str(k): "" if v is None else str(v) for k, v in metadata.items()})
     kv = dict(table.schema.metadata or {})
     kv.update({k.encode(): v.encode() for k, v in meta.items()})
@@ -164,19 +186,56 @@ def write_front(df: pd.DataFrame, path, metadata: dict) -> None:
         pq.write_table(table, tmp)
 
 
+def _type_kind(t: pa.DataType) -> str:
+    """An Arrow type's kind as pandas will see it (string and large_string alike, any integer width, ...)."""
+    for kind, test in (("list", lambda x: pa.types.is_list(x) or pa.types.is_large_list(x)),
+                       ("string", lambda x: pa.types.is_string(x) or pa.types.is_large_string(x)),
+                       ("bool", pa.types.is_boolean), ("integer", pa.types.is_integer),
+                       ("number", pa.types.is_floating)):
+        if test(t):
+            return kind if kind != "list" else f"list<{_type_kind(t.value_type)}>"
+    return str(t)
+
+
 def read_front(path) -> tuple[pd.DataFrame, dict]:
-    """Read pareto.parquet: the DataFrame and its key-value metadata (str -> str, pandas' own entry left out)."""
-    table = pq.read_table(path)
+    """Read pareto.parquet: the DataFrame and its key-value metadata (str -> str, pandas' own entry left out).
+
+    The one reader of fronts (query, plot, export, pipeline): a missing or non-Parquet file, a missing column, a
+    column of the wrong type or no reference row is a MessError naming the file, the column and what wrote it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MessError(f"{path}: front not found{' (it is a folder)' if path.is_dir() else ''}; "
+                        f"`messearch search` writes one")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        why = " ".join(str(e).split())[:200]
+        raise MessError(f"{path}: not a Parquet file ({why}); a front is the pareto.parquet `messearch search` "
+                        f"writes") from None
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
-    return table.to_pandas(), meta
+    writer = meta.get("writer") or (f"messearch (schema_version {meta['schema_version']})"
+                                    if "schema_version" in meta else "a program other than messearch search")
+    expected = front_schema()
+    for name in BASE_COLUMNS:
+        if name not in table.column_names:
+            raise MessError(f"{path}: column '{name}' missing (the file was written by {writer}); a front has the "
+                            f"columns {', '.join(BASE_COLUMNS)}")
+        have, want = table.schema.field(name).type, expected.field(name).type
+        if _type_kind(have) != _type_kind(want):
+            raise MessError(f"{path}: column '{name}' has type {have}, not {want} (the file was written by {writer})")
+    df = table.to_pandas()
+    if int(df["is_reference"].sum()) != 1:
+        raise MessError(f"{path}: {int(df['is_reference'].sum())} reference rows (is_reference), not 1 (the file was "
+                        f"written by {writer})")
+    return df, meta
 
 
 # -------------------------------------------------------------------------------------- pandas helpers
 
 def _latency_column(df: pd.DataFrame, device: str) -> str:
     col = f"latency_ms_{device}"
-    if col not in df.columns:
-        have = [c[len("latency_ms_"):] for c in df.columns if c.startswith("latency_ms_")]
+    have = latency_devices_of(df)
+    if device not in have:
         raise MessError(f"the front has no latency for device {device!r}; profiled devices: {have or 'none'}")
     return col
 

@@ -19,23 +19,33 @@ from .evaluate import evaluate
 from .exit_quality import single_exit_miou, structure_report
 from .export import export_model, load_exported
 from .files import atomic_write_text, sha256_file
-from .front import cheapest_within, read_front
+from .front import latency_devices_of, read_front
 from .plot import plot_front
 from .profile import profile_latency
 from .ray_runtime import connect
 from .search_driver import SearchOptions, search_to_front
 from .space import load_space
 from .train import train
+from .trust import TRUST_COLUMNS, choose, trust_words
 
 # The built-in default space (package data messearch/spaces/quickstart.yaml, so it ships in the wheel too).
 QUICKSTART_SPACE = "quickstart"
+# The pipeline's choice: the plain rule (cheapest row within the tolerance) unless asked for the robust one
+# (messearch.trust.robust_mask); results/README.md has the comparison on the check part behind this default.
+ROBUST_DEFAULT = False
 
 
-def _front_is_current(path: Path, ckpt_sha: str, cache_sha: str) -> bool:
+def _front_is_current(path: Path, ckpt_sha: str, cache_sha: str, opts: SearchOptions) -> bool:
     if not path.exists():
         return False
-    _, meta = read_front(path)
-    return meta.get("checkpoint_sha256") == ckpt_sha and meta.get("cache_sha256") == cache_sha
+    try:
+        _, meta = read_front(path)
+    except MessError:   # not a front this run can trust: search again (the new one replaces it atomically)
+        return False
+    held = json.loads(meta.get("holdout") or "null")
+    asked = None if opts.holdout is None else [opts.holdout, opts.holdout_by, opts.seed]
+    return (meta.get("checkpoint_sha256") == ckpt_sha and meta.get("cache_sha256") == cache_sha
+            and (held and [held["fraction"], held["by"], held["seed"]]) == (asked or None))
 
 
 def _say(msg: str) -> None:
@@ -44,10 +54,12 @@ def _say(msg: str) -> None:
 
 def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str | None = None, device: str = "cpu",
                  tol_pp: float = 0.5, evaluate_models: bool = True, epochs: int | None = None,
-                 search_opts: SearchOptions | None = None, init_checkpoint: str | None = None) -> dict:
+                 search_opts: SearchOptions | None = None, init_checkpoint: str | None = None,
+                 robust: bool | None = None) -> dict:
     """Train (both stages), cache, profile, search, export the cheapest row within `tol_pp` of the reference, and
     evaluate it; each stage is skipped when its output is complete. `space_path`: a built-in space name or a YAML
-    file; `init_checkpoint`: training starts from these weights (any shape messearch.weights accepts).
+    file; `init_checkpoint`: training starts from these weights (any shape messearch.weights accepts);
+    `robust`: choose by messearch.trust.robust_mask (default ROBUST_DEFAULT).
     Returns a summary dict (also summary.md)."""
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -74,7 +86,7 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     timings["train"] = time.perf_counter() - t
     ckpt_sha = sha256_file(ckpt)
 
-    connect(address)
+    connect(address, what="`messearch pipeline` (Ray actors and Ray Tune)")
     cache_dir = out / "cache"
     t = time.perf_counter()
     try:
@@ -99,11 +111,11 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     front_path = out / "pareto.parquet"
     t = time.perf_counter()
     cache_sha = cache.meta.get("cache_sha256", "")
-    if _front_is_current(front_path, ckpt_sha, cache_sha):
+    opts = search_opts or SearchOptions()
+    if _front_is_current(front_path, ckpt_sha, cache_sha, opts):
         _say(f"search: {front_path} is current, skipped")
     else:
         _say("search: every configuration, Ray Tune shards")
-        opts = search_opts or SearchOptions()
         opts.profiles = [str(profile_path)]
         opts.address = address
         search_to_front(cache_dir, front_path, opts)
@@ -111,13 +123,15 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     front, meta = read_front(front_path)
     plot_front(front, out / "pareto.png", title=f"{space.name}: MESS configurations on {data} (val)")
 
-    chosen = cheapest_within(front, tol_pp)
+    robust = ROBUST_DEFAULT if robust is None else robust
+    rule = f"{'robust: ' if robust else ''}cheapest within {tol_pp} pp of the reference"
+    chosen = choose(front, tol_pp, robust=robust)
     model_path = out / "model.pt"
     t = time.perf_counter()
     if model_path.exists() and load_exported(model_path).meta.provenance.get("config_id") == chosen["config_id"]:
         _say(f"export: {model_path} holds {chosen['config_id']}, skipped")
     else:
-        _say(f"export: {chosen['config_id']} (cheapest within {tol_pp} pp of the reference)")
+        _say(f"export: {chosen['config_id']} ({rule})")
         export_model(ckpt, front_path, chosen["config_id"], model_path)
     timings["export"] = time.perf_counter() - t
 
@@ -125,7 +139,9 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     summary = {"space": str(space_path), "data": data, "out": str(out), "front_rows": int((~front["is_reference"]).sum()),
                "n_evaluated": meta.get("n_evaluated"), "reference": _row_summary(ref), "chosen": _row_summary(chosen),
                "exits": structure_report(single_exit_miou(cache), cache.positions),
-               "learning_curve": learning_curve(out / "train_log.csv"), "timings_s": timings}
+               "learning_curve": learning_curve(out / "train_log.csv"),
+               "rule": rule, "trust": trust_words(chosen, ref), "holdout": json.loads(meta.get("holdout") or "null"),
+               "timings_s": timings}
     if evaluate_models:
         t = time.perf_counter()
         _say("evaluate: the exported model and the original, batch 1, on the cached split")
@@ -136,8 +152,10 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
         summary["measured"] = {k: getattr(measured, k) for k in ("miou", "pixel_acc", "exit_rates", "mean_gmacs",
                                                        "latency_ms_median", "latency_ms_p90")}
         summary["measured_reference"] = {k: getattr(original, k) for k in ("miou", "mean_gmacs", "latency_ms_median")}
-        summary["exact"] = bool(measured.miou == chosen["miou"] and measured.mean_gmacs == chosen["mean_gmacs"]
-                                and list(measured.exit_rates) == list(chosen["exit_rates"]))
+        # with a hold-out the front's figures cover the search part only, the measurement the whole split
+        summary["exact"] = None if summary["holdout"] else bool(
+            measured.miou == chosen["miou"] and measured.mean_gmacs == chosen["mean_gmacs"]
+            and list(measured.exit_rates) == list(chosen["exit_rates"]))
         timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     atomic_write_text(out / "summary.md", format_summary_md(summary))
@@ -158,21 +176,24 @@ def _row_summary(row) -> dict:
          "heads": list(row["heads"]), "thresholds": [float(t) for t in row["thresholds"]],
          "miou": float(row["miou"]), "mean_gmacs": float(row["mean_gmacs"]), "speedup": float(row["speedup"]),
          "miou_delta_pp": float(row["miou_delta_pp"]), "exit_rates": [float(r) for r in row["exit_rates"]]}
+    for dev in latency_devices_of(row):
+        d[f"latency_ms_{dev}"] = float(row[f"latency_ms_{dev}"])
     for c in row.index:
-        if c.startswith("latency_ms_"):
-            d[c] = float(row[c])
+        if c in TRUST_COLUMNS or (c.startswith("latency_ms_") and c[-3:] in ("_lo", "_hi")):
+            v = row[c]
+            d[c] = [float(x) for x in v] if hasattr(v, "__len__") else (bool(v) if c == "fragile" else float(v))
     return d
 
 
 def format_summary_md(s: dict) -> str:
     """The run's summary as a short Markdown page (also what the command prints at the end)."""
     ref, ch = s["reference"], s["chosen"]
-    lat = [c for c in ref if c.startswith("latency_ms_")]
+    lat = [f"latency_ms_{d}" for d in latency_devices_of(list(ref))]
     lines = [f"# messearch run: {s['space']} on {s['data']}", "",
              f"Front: {s['front_rows']} configurations (of {s['n_evaluated']} evaluated) plus the reference.", "",
              "| | config | mIoU | GMACs | speed-up |" + "".join(f" {c} |" for c in lat),
              "|---|---|---|---|---|" + "---|" * len(lat)]
-    for name, r in (("reference", ref), ("chosen (cheapest within 0.5 pp)", ch)):
+    for name, r in (("reference", ref), (f"chosen ({s.get('rule', 'cheapest within 0.5 pp')})", ch)):
         lines.append(f"| {name} | {r['config_id']} | {r['miou'] * 100:.2f}% | {r['mean_gmacs']:.4f} | "
                      f"{r['speedup']:.2f}x |" + "".join(f" {r[c]:.2f} |" for c in lat))
     exits = exits_text(ch["positions"], ch["heads"], ch["thresholds"])
@@ -186,11 +207,15 @@ def format_summary_md(s: dict) -> str:
     if s.get("learning_curve"):
         lines += ["", "Original model's val mIoU after each backbone epoch (train_log.csv): "
                       + ", ".join(f"{v * 100:.1f}%" for v in s["learning_curve"]) + "."]
+    if s.get("trust"):
+        lines += ["", "How far to trust it:", ""] + [f"- {t}" for t in s["trust"]]
     if "measured" in s:
         m, mr = s["measured"], s["measured_reference"]
         lines += ["", f"Measured (exported model, batch 1): mIoU {m['miou'] * 100:.2f}%, {m['mean_gmacs']:.4f} GMACs, "
                       f"latency median {m['latency_ms_median']:.2f} ms (p90 {m['latency_ms_p90']:.2f} ms); original model: "
                       f"mIoU {mr['miou'] * 100:.2f}%, {mr['mean_gmacs']:.4f} GMACs, {mr['latency_ms_median']:.2f} ms.",
-                  "", f"Measured mIoU, GMACs and exit rates equal the front's prediction exactly: {s['exact']}."]
+                  "", f"Measured mIoU, GMACs and exit rates equal the front's prediction exactly: {s['exact']}."
+                  if s["exact"] is not None else "\nThe front's figures cover the search part only (hold-out), the "
+                  "measured ones the whole split: they are not compared."]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["timings_s"].items())]
     return "\n".join(lines) + "\n"

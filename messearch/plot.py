@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .front import cheapest_within, read_front
+from .front import cheapest_within, latency_devices_of, read_front
 from .files import atomic_path
 
 
 def _axes_columns(front: pd.DataFrame) -> list[tuple[str, str]]:
     cols = [("mean_gmacs", "mean GMACs per image")]
-    for c in front.columns:
-        if c.startswith("latency_ms_"):
-            cols.append((c, f"mean latency on {c[len('latency_ms_'):]} (ms per image)"))
+    for d in latency_devices_of(front):
+        cols.append((f"latency_ms_{d}", f"mean latency on {d} (ms per image)"))
     return cols
 
 
@@ -43,6 +42,14 @@ def plot_front(front: pd.DataFrame, out: str | Path, all_points: pd.DataFrame | 
         ax.scatter(rows[col], rows["miou"] * 100, s=12, color="tab:blue", alpha=0.45,
                    label=f"Pareto front ({len(rows)} configurations)")
         ax.plot(line[col], line["miou"] * 100, "-", lw=1.4, color="tab:blue", label="non-dominated on this axis")
+        if "miou_lo" in rows:
+            ax.errorbar(rows[col], rows["miou"] * 100, yerr=[(rows["miou"] - rows["miou_lo"]) * 100,
+                        (rows["miou_hi"] - rows["miou"]) * 100], fmt="none", ecolor="tab:blue", alpha=0.25, lw=0.8,
+                        label="90% bootstrap interval of mIoU")
+        if "fragile" in rows and rows["fragile"].any():
+            fr = rows[rows["fragile"].astype(bool)]
+            ax.scatter(fr[col], fr["miou"] * 100, marker="x", s=30, color="tab:purple", zorder=4,
+                       label=f"fragile ({len(fr)}): cost hinges on a 0.05 confidence shift")
         ax.scatter([ref[col]], [ref["miou"] * 100], marker="*", s=220, color="tab:red", zorder=5,
                    label=f"original model ({ref[col]:.3g}, {ref['miou'] * 100:.2f}% mIoU)")
         ax.axhline(ref["miou"] * 100, color="tab:red", lw=0.8, ls="--", alpha=0.6)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .costs import CostTable
-from .devices import device_name, parse_device
+from .devices import device_name, exact_numerics, parse_device
 from .errors import MessError
 from .files import atomic_path, sha256_file
 
@@ -42,6 +42,7 @@ def profile_latency(checkpoint, device: str = "cpu", batch_size: int = 1, out=No
     """Time every backbone segment, candidate head and the final head of a MESS checkpoint on `device` at the
     space's input size; write the profile to `out` (Parquet, atomically) when given; return it as a DataFrame."""
     dev = parse_device(device)
+    exact_numerics(dev)   # the kernels the cache and evaluate run, so predicted latency is of the measured model
     if batch_size < 1:
         raise MessError(f"--batch-size {batch_size}: must be >= 1")
     threads = int(threads or torch.get_num_threads())

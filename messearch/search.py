@@ -90,6 +90,19 @@ def _cost_arrays(costs: CostTable, spec: SearchSpec, integer: bool, what: str):
     return (np.repeat(bb, len(hi)), hd.reshape(-1), conv(costs.backbone_total), conv(costs.final))
 
 
+def exit_confidence(cache: CacheArrays, spec: SearchSpec, pixel_bin: int | None = None) -> np.ndarray:
+    """float64 [N, E]: the image confidence of every candidate exit of the spec under its policy (the fraction
+    policy at bin edge `pixel_bin` when given, else the spec's)."""
+    ex = np.array([cache.exit_index(p, h) for p in spec.positions for h in spec.heads], dtype=np.int64)
+    if spec.policy_kind == "mean":
+        return np.asarray(cache.conf_mean, dtype=np.float64)[:, ex]
+    nb = cache.n_above.shape[2] - 1
+    b = spec.pixel_threshold_bin if pixel_bin is None else pixel_bin
+    if b is None or not 0 <= int(b) <= nb:
+        raise MessError(f"pixel_threshold_bin {b} must be an integer bin edge 0..{nb} for the 'fraction' policy")
+    return cache.n_above[:, ex, int(b)].astype(np.float64) / cache.n_pixels.astype(np.float64)[:, None]
+
+
 def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: dict | None = None) -> Prepared:
     """Check the cache against the spec and build the evaluator's arrays (float64 confidence, int64 counts)."""
     spec.validate()
@@ -102,14 +115,7 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: di
     ex = np.array([cache.exit_index(p, h) for p in spec.positions for h in spec.heads], dtype=np.int64)
     final = cache.tp.shape[1] - 1
     n, c = cache.gt.shape
-    if spec.policy_kind == "mean":
-        conf = np.asarray(cache.conf_mean, dtype=np.float64)[:, ex]
-    else:
-        nb = cache.n_above.shape[2] - 1
-        b = spec.pixel_threshold_bin
-        if b is None or not 0 <= int(b) <= nb:
-            raise MessError(f"pixel_threshold_bin {b} must be an integer bin edge 0..{nb} for the 'fraction' policy")
-        conf = cache.n_above[:, ex, int(b)].astype(np.float64) / cache.n_pixels.astype(np.float64)[:, None]
+    conf = exit_confidence(cache, spec)
     thr = np.asarray([float(t) for t in spec.thresholds], dtype=np.float64)
     fail = conf[:, :, None] < thr[None, None, :]
     x = np.concatenate([cache.tp, cache.pred], axis=2).astype(np.int64)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -22,47 +23,21 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from .cache_format import CacheArrays, load_cache
-from .config import tree_size
 from .costs import mac_table
 from .errors import MessError
 from .front import finish_front, rows_to_frame, write_front
 from . import search_size
 from .profile import load_profile
+from .provenance import policy_record, reconcile_space
 from .ray_runtime import connect
 from .search import Prepared, evaluate_items, prepare, reference_rows
-from .search_spec import SearchSpec
+from .search_spec import SearchSpec, assign_shards, plan_items
 from .shard_front import FrontSink, block_rows, concat_rows
 from .space import load_space, space_from_text
+from . import trust
 
 
 # ------------------------------------------------------------------------------------------ size and shards
-
-def plan_items(spec: SearchSpec) -> list[tuple]:
-    """Work items with their size: ("tree", t_root, first_position, n_configs), plus ("static", n) in single mode."""
-    p, h, t, k = len(spec.positions), len(spec.heads), len(spec.thresholds), int(spec.max_exits)
-    shared = spec.thresholds_mode == "shared"
-    items = []
-    for t_root in range(t):
-        for p1 in range(p):
-            items.append(("tree", t_root, p1, tree_size(p - 1 - p1, h, t, k, shared)))
-    if spec.mode == "single":
-        items.append(("static", p * h))
-    return items
-
-
-def assign_shards(items: list[tuple], n_shards: int) -> list[list[tuple]]:
-    """Longest-processing-time assignment of items to n_shards (deterministic)."""
-    n_shards = max(1, int(n_shards))
-    shards = [[] for _ in range(n_shards)]
-    load = [0] * n_shards
-    for item in sorted(items, key=lambda it: (-it[-1], it)):
-        i = min(range(n_shards), key=lambda j: (load[j], j))
-        shards[i].append(item)
-        load[i] += item[-1]
-    return shards
-
-
-# -------------------------------------------------------------------------------------------- in-process
 
 def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
     """A function writing rows to a Parquet dataset partitioned by n_exits (files named by shard)."""
@@ -188,10 +163,9 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     Reuses a running Ray; otherwise joins `address` / RAY_ADDRESS, or starts a local Ray. df.attrs holds
     n_evaluated and seconds. resume=True continues the run stored at storage_path/name (Tuner.restore).
     """
-    import ray
-    from ray import tune
     t0 = time.perf_counter()
-    connect(address)
+    ray = connect(address, what="`messearch search` (Ray Tune)", instead="search in this process with --local")
+    from ray import tune
     cores = int(ray.cluster_resources().get("CPU", 1))
     prep = prepare(cache, spec, macs, latencies)   # validates everything before any trial starts
     items = plan_items(spec)
@@ -216,11 +190,15 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
                              keep_all_dir=keep_all_dir), {"cpu": 1})
     # Each trial's work items are in its config, so ResultGrid.get_dataframe() says what every trial did.
     work = [{"index": i, "items": [list(it) for it in items]} for i, items in enumerate(plan)]
-    if resume and tune.Tuner.can_restore(exp):
+    # An experiment interrupted before Tune saved its first state has a tuner.pkl but nothing to restore (a
+    # restore would then run trials without their config): start it again.
+    restorable = tune.Tuner.can_restore(exp) and any(Path(exp).glob("experiment_state-*.json"))
+    if resume and restorable:
         if stored.get("key") != key:
             raise MessError(f"cannot resume {exp}: it was started with another space, cache or shard count")
         tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=False, restart_errored=True)
     else:
+        shutil.rmtree(exp, ignore_errors=True)   # never mix trials of an earlier run into this one
         Path(storage_path).mkdir(parents=True, exist_ok=True)
         key_file.write_text(json.dumps({"key": key, "n_shards": n_shards}))
         tuner = tune.Tuner(
@@ -230,12 +208,14 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
                                       failure_config=tune.FailureConfig(max_failures=2),
                                       callbacks=[_progress_callback(est["n_configs"])] if verbose else None))
     grid = tuner.fit()
+    results = list(grid)
     if grid.errors:
-        raise MessError(f"{len(grid.errors)} search shard(s) failed after retries: {grid.errors[0]}")
+        raise grid.errors[0]   # the trial's own error; the CLI prints its message and logs the remote stack
+    if any(r.checkpoint is None or not (r.metrics or {}).get("done") for r in results):
+        # Tune caught Ctrl+C (or SIGTERM, delivered as Ctrl+C), stopped the trials and saved its state
+        raise KeyboardInterrupt
     parts, total, cpu_s, rss, eval_s = [], 0, 0.0, 0.0, []
-    for result in grid:
-        if result.checkpoint is None:
-            raise MessError(f"search shard {result.config['shard']['index']} finished without its result")
+    for result in results:
         with result.checkpoint.as_directory() as d:
             with np.load(os.path.join(d, "rows.npz"), allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
@@ -271,31 +251,43 @@ class SearchOptions:
     force: bool = False
     address: str | None = None
     local: bool = False   # run the shards in this process, without Ray (machines without Ray)
+    bootstrap: int = 200              # resamples of the front rows' intervals (0: none); see messearch.trust
+    seed: int = 0                     # of the resamples and of the hold-out split
+    holdout: float | None = None      # share of the cached images kept out of the search, to check its rows
+    holdout_by: str = "image"         # image | group (file-name prefix: CamVid sequence, Cityscapes city)
 
 
-def search_spec_for(space, opts: SearchOptions):
-    """The SearchSpec of a space, with the options' overrides and constraints."""
+def search_spec_for(space, opts: SearchOptions, policy=None):
+    """The SearchSpec of a space, with the options' overrides and constraints; `policy` (default the space's) is the
+    exit policy the search reads from the cache."""
+    policy = policy or space.policy
+    if opts.max_exits is not None and not 1 <= opts.max_exits <= len(space.positions):
+        raise MessError(f"--max-exits {opts.max_exits}: allowed 1 to {len(space.positions)} (the number of candidate "
+                        f"positions of {space.source})")
     return SearchSpec(positions=list(space.positions), heads=space.head_names, thresholds=tuple(space.thresholds),
                       max_exits=opts.max_exits or space.max_exits, thresholds_mode=opts.thresholds,
-                      mode=opts.mode or space.mode, policy_kind=space.policy.kind,
-                      pixel_threshold_bin=space.policy.pixel_threshold_bin, max_gmacs=opts.max_gmacs,
+                      mode=opts.mode or space.mode, policy_kind=policy.kind,
+                      pixel_threshold_bin=policy.pixel_threshold_bin, max_gmacs=opts.max_gmacs,
                       max_latency_ms=dict(opts.max_latency_ms), min_miou=opts.min_miou,
                       max_miou_drop_pp=opts.max_miou_drop_pp)
 
 
 def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_path: str | None = None):
-    """Search every configuration over a cache and write the front to `out` (pareto.parquet); returns the DataFrame."""
+    """Search every configuration over a cache and write the front to `out` (pareto.parquet); returns the DataFrame.
+
+    The figures follow the cache's own space and policy: a `space_path` may change only the search's grid
+    (thresholds, max_exits, mode), or the policy's bins by an exact conversion (provenance.reconcile_space)."""
     opts = opts or SearchOptions()
     cache = load_cache(cache_dir)
+    check, trust_meta = None, {}
+    if opts.holdout is not None:   # the front is formed on the search part; its rows are checked on the rest
+        cache, check, trust_meta = trust.split_cache(cache, opts.holdout, opts.holdout_by, opts.seed)
     cached_space = space_from_text(cache.meta["space_text"],
                                    cache.meta.get("space_source") or f"{cache_dir} (space of the cache)")
-    space = cached_space
+    space, policy, conversion = cached_space, cached_space.policy, ""
     if space_path:
         space = load_space(space_path)
-        if (space.model, space.positions, space.head_names, space.num_classes) != (
-                cached_space.model, cached_space.positions, cached_space.head_names, cached_space.num_classes):
-            raise MessError(f"{space_path}: the space's model, positions, heads or classes differ from those the "
-                            f"cache {cache_dir} was built with; use the space of the checkpoint, or rebuild the cache")
+        policy, conversion = reconcile_space(space, cached_space, cache_dir)
     latencies, device_names = {}, {}
     for path in opts.profiles:
         # The file's stem (profiles/<device>.parquet) names the column latency_ms_<device>: short and typeable.
@@ -306,7 +298,7 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
         if table.positions != list(space.positions) or table.heads != space.head_names:
             raise MessError(f"{path}: the profile's positions or heads differ from the cache's space")
         latencies[key], device_names[key] = table, device_name
-    spec = search_spec_for(space, opts)
+    spec = search_spec_for(space, opts, policy)
     macs = mac_table(space)
     keep_all_dir = Path(out).with_name(Path(out).stem + "_all") if opts.keep_all else None
     t0 = time.perf_counter()
@@ -317,16 +309,19 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
         storage = Path(out).resolve().parent / "tune"
         df = run_search(cache, spec, macs, latencies, shards=opts.shards, address=opts.address,
                         keep_all_dir=keep_all_dir, resume=opts.resume, storage_path=str(storage), force=opts.force)
+    df, more = trust.annotate(df, cache, spec, macs, latencies, check=check, resamples=opts.bootstrap, seed=opts.seed)
+    trust_meta.update(more)
     meta = {
         "space_text": space.text, "space_source": space.source,
         "checkpoint_sha256": cache.meta.get("checkpoint_sha256", ""), "cache_sha256": cache.meta.get("cache_sha256", ""),
         "mode": spec.mode, "thresholds": spec.thresholds_mode, "max_exits": spec.max_exits,
-        "policy": json.dumps({"kind": space.policy.kind, "pixel_threshold": space.policy.pixel_threshold,
-                              "n_bins": space.policy.n_bins}),
+        # what the figures were computed from: the policy read (on the cache's bins), the cache's exits, the grid
+        "policy": policy_record(policy), "policy_conversion": conversion, "exits": json.dumps(cache.meta.get("exits")),
+        "threshold_grid": json.dumps([float(t) for t in spec.thresholds]),
         "data": cache.meta.get("data", ""), "split": cache.meta.get("split", ""),
         "n_images": cache.n_images, "n_evaluated": df.attrs.get("n_evaluated", ""),
         "seconds": f"{df.attrs.get('seconds', time.perf_counter() - t0):.3f}",
-        "profiles": json.dumps(device_names), "keep_all_dir": str(keep_all_dir or ""),
+        "profiles": json.dumps(device_names), "keep_all_dir": str(keep_all_dir or ""), **trust_meta,
     }
     write_front(df, out, meta)
     return df

@@ -12,7 +12,7 @@ import numpy as np
 from .cache_format import CacheArrays
 from .errors import MessError
 from .search import BLOCK_ELEMS, Prepared, evaluate_items, prepare
-from .search_spec import SearchSpec
+from .search_spec import SearchSpec, plan_items
 from .shard_front import FrontSink
 
 TRIAL_SECONDS = 30.0        # evaluation time a shard aims at: a failed trial is retried cheaply, none nears a minute
@@ -108,7 +108,6 @@ def check(est: dict, force: bool, address: str | None, max_bytes: int | None = N
 def space_estimates(space, macs, n_images: int, cores: int, seconds: float = MEASURE_SECONDS) -> dict:
     """Estimated search time of a space on `cores` of this machine, shared and per-exit thresholds, from the
     evaluator's rate measured on a synthetic cache of n_images images (its exit statistics only)."""
-    from .search_driver import plan_items
     cache = synthetic_cache(space.positions, space.head_names, n_images, space.num_classes)
     out = {}
     for mode in ("shared", "per-exit"):

@@ -1,11 +1,12 @@
-"""What to search (`SearchSpec`): candidate exits, thresholds, exit policy, mode, and constraints on the front."""
+"""What to search (`SearchSpec`): candidate exits, thresholds, exit policy, mode, constraints on the front; and its
+work items (`plan_items`), balanced over shards (`assign_shards`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from .config import count_configs
+from .config import count_configs, tree_size
 from .errors import MessError
 
 
@@ -51,3 +52,31 @@ class SearchSpec:
         """Configurations in the space, the reference row excluded."""
         return count_configs(len(self.positions), len(self.heads), len(self.thresholds), int(self.max_exits),
                              self.thresholds_mode, self.mode, reference=False)
+
+
+def plan_items(spec: SearchSpec) -> list[tuple]:
+    """Work items with their size: ("tree", t_root, first_position, n_configs), plus ("static", n) in single mode."""
+    p, h, t, k = len(spec.positions), len(spec.heads), len(spec.thresholds), int(spec.max_exits)
+    shared = spec.thresholds_mode == "shared"
+    items = []
+    for t_root in range(t):
+        for p1 in range(p):
+            items.append(("tree", t_root, p1, tree_size(p - 1 - p1, h, t, k, shared)))
+    if spec.mode == "single":
+        items.append(("static", p * h))
+    return items
+
+
+def assign_shards(items: list[tuple], n_shards: int) -> list[list[tuple]]:
+    """Longest-processing-time assignment of items to n_shards (deterministic)."""
+    n_shards = max(1, int(n_shards))
+    shards = [[] for _ in range(n_shards)]
+    load = [0] * n_shards
+    for item in sorted(items, key=lambda it: (-it[-1], it)):
+        i = min(range(n_shards), key=lambda j: (load[j], j))
+        shards[i].append(item)
+        load[i] += item[-1]
+    return shards
+
+
+# -------------------------------------------------------------------------------------------- in-process

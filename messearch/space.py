@@ -14,6 +14,9 @@ from .heads import RFE_KINDS, HeadSpec
 
 MODES = ("cascade", "single")
 POLICY_KINDS = ("mean", "fraction")
+# stats.mean_confidence is exact (independent of summation order, so the cache and the deployed model agree bit
+# for bit) only for fewer classes than this; see its docstring.
+MEAN_EXACT_CLASSES = 256
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class PolicySpec:
     kind: str = "mean"
     pixel_threshold: float | None = None
     n_bins: int = 20
+    allow_inexact_mean: bool = False   # lifts the MEAN_EXACT_CLASSES limit of the 'mean' policy
 
     @property
     def pixel_threshold_bin(self) -> int | None:
@@ -161,7 +165,7 @@ def _thresholds(c: _Checker, raw) -> tuple[float, ...]:
 
 def _policy(c: _Checker, raw) -> PolicySpec:
     raw = {} if raw is None else raw
-    c.keys("policy", raw, {"kind", "pixel_threshold", "n_bins"})
+    c.keys("policy", raw, {"kind", "pixel_threshold", "n_bins", "allow_inexact_mean"})
     kind = raw.get("kind", "mean")
     if kind not in POLICY_KINDS:
         c.fail("policy.kind", kind, ", ".join(POLICY_KINDS))
@@ -174,7 +178,10 @@ def _policy(c: _Checker, raw) -> PolicySpec:
         pt = round(pt * n_bins) / n_bins
     elif pt is not None:
         c.fail("policy.pixel_threshold", pt, "only with kind: fraction")
-    return PolicySpec(kind=kind, pixel_threshold=pt, n_bins=n_bins)
+    lift = raw.get("allow_inexact_mean", False)
+    if not isinstance(lift, bool):
+        c.fail("policy.allow_inexact_mean", lift, "true or false")
+    return PolicySpec(kind=kind, pixel_threshold=pt, n_bins=n_bins, allow_inexact_mean=lift)
 
 
 def _train(c: _Checker, raw) -> TrainSpec:
@@ -192,13 +199,55 @@ def _train(c: _Checker, raw) -> TrainSpec:
     return TrainSpec(**values)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:   # an unhashable key: SafeLoader reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, again: int):
+        super().__init__(key, first, again)
+        self.key, self.first, self.again = key, first, again
+
+
+def _cross_checks(c: _Checker, space: Space) -> None:
+    """Checks between fields: exits vs positions, the ignore index vs the classes, the mean policy's exactness."""
+    n_pos = len(space.positions)
+    if space.max_exits > n_pos:
+        c.fail("max_exits", space.max_exits, f"an integer from 1 to {n_pos} (the number of candidate positions)")
+    if 0 <= space.ignore_index < space.num_classes:
+        c.fail("ignore_index", space.ignore_index,
+               f"a value outside the classes 0..{space.num_classes - 1} (it marks unlabelled pixels), e.g. 255")
+    if space.policy.kind == "mean" and space.num_classes >= MEAN_EXACT_CLASSES and not space.policy.allow_inexact_mean:
+        c.fail("num_classes", space.num_classes,
+               f"at most {MEAN_EXACT_CLASSES - 1} with policy kind 'mean' (its mean confidence is exact only below "
+               f"{MEAN_EXACT_CLASSES} classes); use policy kind 'fraction', or set policy.allow_inexact_mean: true")
+
+
 def space_from_text(text: str, source: str) -> Space:
     """Parse and validate a space file's text; `source` names it in errors."""
     c = _Checker(source)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)   # a SafeLoader: no tags that build objects
+    except _DuplicateKey as e:
+        raise SpaceError(f"{source}: field '{e.key}' given twice (lines {e.first} and {e.again}); "
+                         f"allowed: each field once") from None
     except yaml.YAMLError as e:
-        raise SpaceError(f"{source}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise SpaceError(f"{source}: not valid YAML{where}: {what}") from None
     c.keys("", raw, _TOP_KEYS)
     for key in _REQUIRED:
         if key not in raw:
@@ -232,15 +281,17 @@ def space_from_text(text: str, source: str) -> Space:
     if not isinstance(data, str) or not data:
         c.fail("data", data, "a data spec such as 'synthetic' or 'camvid:/path'")
     name = raw.get("name", Path(source).stem)
-    return Space(
+    space = Space(
         source=source, text=text, name=str(name), model=model,
         num_classes=c.integer("num_classes", raw["num_classes"], 2),
         ignore_index=c.integer("ignore_index", raw.get("ignore_index", 255), 0),
         input_size=size, positions=positions, heads=_heads(c, raw["heads"]), policy=_policy(c, raw.get("policy")),
         thresholds=_thresholds(c, raw["thresholds"]),
-        max_exits=c.integer("max_exits", raw.get("max_exits", 3), 1), mode=mode, data=data,
+        max_exits=c.integer("max_exits", raw.get("max_exits", min(3, len(positions))), 1), mode=mode, data=data,
         train=_train(c, raw.get("train")),
     )
+    _cross_checks(c, space)
+    return space
 
 
 def builtin_spaces() -> list[str]:

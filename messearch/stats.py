@@ -108,11 +108,12 @@ def count_above_bucketized(top1: torch.Tensor, n_bins: int) -> torch.Tensor:
     """count_above, exactly, by one binary search per pixel instead of n_bins+1 comparisons.
 
     bucketize(right=True) gives i = #{edges <= x} (the same float32 comparisons), so #{x >= edge_k} = #{i > k}.
+    A NaN compares false with every edge, so it goes to bucket 0 (counted nowhere), on the device: no host sync.
     """
-    if bool(torch.isnan(top1).any()):   # NaN compares false with every edge; keep count_above's own path for it
-        return count_above(top1, n_bins)
     n, k = top1.shape[0], n_bins + 2
-    i = torch.bucketize(top1.reshape(n, -1), bin_edges(n_bins).to(top1.device), right=True)
+    flat = top1.reshape(n, -1)
+    i = torch.bucketize(flat, bin_edges(n_bins).to(top1.device), right=True)
+    i = torch.where(torch.isnan(flat), 0, i)
     hist = torch.bincount((i + (torch.arange(n, device=i.device) * k).view(-1, 1)).view(-1), minlength=n * k).view(n, k)
     return hist.flip(1).cumsum(1).flip(1)[:, 1:]
 
@@ -127,14 +128,16 @@ def class_counts_with_confusion(pred: torch.Tensor, mask: torch.Tensor, num_clas
 
 
 def batch_statistics(logits: list[torch.Tensor], mask: torch.Tensor, num_classes: int, ignore_index: int,
-                     n_bins: int, fused: bool = True, keep_confusion: bool = False) -> dict[str, torch.Tensor]:
+                     n_bins: int, fused: bool = True, keep_confusion: bool = False,
+                     check: bool = True) -> dict[str, torch.Tensor]:
     """Statistics of several exits' logits [B,C,H,W] on one batch: tp/pred [B,E,C], gt [B,C], conf_mean [B,E],
     n_above [B,E,n_bins+1] (confusion [B,E,C*C]); bit-identical to exit_statistics on each exit.
 
     Fused: the softmax runs per exit on exactly the tensor exit_statistics sees (the one step whose rounding
     could depend on the batch's shape); the rest is exact (max's index = argmax's, both the first maximum;
     float64 sums of float32 values; comparisons; bincounts) and runs once on all exits stacked. The tests
-    check bit-equality with exit_statistics.
+    check bit-equality with exit_statistics. Fused, everything stays on the logits' device: no host copy or sync
+    (check=False skips check_batch's one sync, for a caller that checked the mask already).
     """
     e, b = len(logits), mask.shape[0]
     if not fused:
@@ -145,7 +148,8 @@ def batch_statistics(logits: list[torch.Tensor], mask: torch.Tensor, num_classes
             out["confusion"] = torch.stack([confusion_counts(x.argmax(dim=1), mask, num_classes, ignore_index)
                                             for x in logits], 1)
         return out
-    check_batch(logits[0], mask, num_classes, ignore_index)
+    if check:
+        check_batch(logits[0], mask, num_classes, ignore_index)
     top1 = torch.cat([top1_confidence(x) for x in logits])              # [E*B, H, W], exit-major
     pred = torch.cat([x.max(dim=1).indices for x in logits])            # 4x faster than argmax(dim=1) on CPU
     masks = mask.repeat(e, 1, 1)

@@ -118,6 +118,7 @@ def train(space, data_spec: str | None, out_dir, stage: str = "both", epochs: in
           address: str | None = None, baseline: str | None = None, progress: bool = True,
           max_steps: int | None = None, on_epoch_end=None) -> Path:
     """Train a space's MESS network (stage 1, 2 or both, or an ablation baseline); returns DIR/mess.pt.
+    on_epoch_end(kind, epoch, row) is called after each epoch; returning True ends that stage early.
 
     gpus >= 1 trains data-parallel with Ray Train (one worker per GPU; CPU slots when no GPU exists)."""
     if gpus < 0:
@@ -128,7 +129,7 @@ def train(space, data_spec: str | None, out_dir, stage: str = "both", epochs: in
         return run_ray(plan, gpus, address)
     dev = torch.device(device)
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False   # fast, not exact
     return run_plan(plan, Runtime(device=dev, progress=progress), on_epoch_end=on_epoch_end)
 
 

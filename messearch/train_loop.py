@@ -114,14 +114,15 @@ def _tensorboard(out: Path):
 
 
 def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda l: l, on_epoch_end=None) -> Path:
-    """Run every stage of `plan` (in this process, or in one Ray Train worker); rank 0 writes the files."""
+    """Run every stage of `plan` (in this process, or in one Ray Train worker); rank 0 writes the files.
+    on_epoch_end(kind, epoch, row) returning True ends that stage after this epoch (a caller's time budget)."""
     space, out = plan.space, Path(plan.out_dir)
     t, w = space.train, LossWeights(**plan.weights)
     torch.manual_seed(t.seed)  # the same initial weights in every run and worker
     net = MESSNetwork(space)
     if plan.init_checkpoint:
         load_init(net, plan.init_checkpoint)
-    net.to(rt.device)
+    net.to(rt.device, memory_format=rt.memory_format)
     train_loader, val_loader, generator, sampler = _loaders(space, plan.data_spec, rt, t.num_workers)
     train_loader, val_loader = wrap_loader(train_loader), wrap_loader(val_loader)
     state = read_state(out / "train_state.pt", plan.fingerprint) if plan.resume else None
@@ -142,7 +143,7 @@ def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda
             done = state["epoch"] if i == state["stage_index"] else 0
         set_trainable(net, stage)
         torch.manual_seed(epoch_seed(t.seed, stage, -1))
-        aux = build_aux_exits(net).to(rt.device) if stage == STAGE1 else None
+        aux = build_aux_exits(net).to(rt.device, memory_format=rt.memory_format) if stage == STAGE1 else None
         module = StageModule(net, stage, aux)
         wrapped = wrap_model(module)
         steps = len(train_loader) if plan.max_steps is None else min(len(train_loader), plan.max_steps)
@@ -181,8 +182,8 @@ def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda
                     "aux": None if aux is None else {k: v.detach().cpu() for k, v in aux.state_dict().items()},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "log": rows, "seconds": seconds, "miou": miou}))
-            if on_epoch_end is not None:
-                on_epoch_end(stage, epoch + 1, row)
+            if on_epoch_end is not None and on_epoch_end(stage, epoch + 1, row):
+                break   # the caller's time is spent: end this stage here (train_state.pt says where)
     path = out / "mess.pt"
     if rt.is_main:
         if writer is not None:

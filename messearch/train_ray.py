@@ -37,10 +37,10 @@ def _worker(config: dict) -> None:
 
 def run_ray(plan, workers: int, address: str | None = None) -> Path:
     """Train `plan` on `workers` Ray Train workers (GPUs if this machine or cluster has them, else CPU slots)."""
+    ray = connect(address, what="`messearch train --gpus N` (Ray Train)", instead="train in this process without --gpus")
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray = connect(address)
     use_gpu = torch.cuda.is_available() or bool(ray.cluster_resources().get("GPU", 0))
     out = Path(plan.out_dir)
     trainer = TorchTrainer(

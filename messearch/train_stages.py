@@ -164,6 +164,17 @@ class Runtime:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """channels_last on CUDA (the layout cuDNN's bf16 tensor-core convolutions run in), else the default."""
+        return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """An input batch on this runtime's device (and, for images, in its memory format)."""
+        if x.dim() == 4:
+            return x.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        return x.to(self.device, non_blocking=True)
+
 
 def epoch_seed(seed: int, stage: str, epoch: int) -> int:
     """The RNG seed of one epoch: a function of (seed, stage, epoch) only, so a resumed run draws what
@@ -180,7 +191,7 @@ def train_epoch(module: nn.Module, stage: str, loader, optimizer, scheduler, wei
     total, steps, images, t0 = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not (rt.progress and rt.is_main), dynamic_ncols=True)
     for x, y in bar:
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        x, y = rt.to_device(x), rt.to_device(y)
         with rt.autocast():
             exits, final = module(x)
         loss = stage_loss(stage, exits, final, y, weights)
@@ -216,7 +227,7 @@ def validate_exits(net: MESSNetwork, loader, rt: Runtime, heads: bool = True, au
     for step, (x, y) in enumerate(loader):
         if max_steps is not None and step >= max_steps:
             break
-        x, y = x.to(rt.device), y.to(rt.device)
+        x, y = rt.to_device(x), rt.to_device(y)
         size = x.shape[-2:]
         with rt.autocast():
             feats, taps = net.forward_features(x)

@@ -225,18 +225,30 @@ def test_resume_recomputes_corrupt_and_missing_shards(ckpt, clean, tmp_path):
     assert again.recomputed == [] and again.cache_sha256 == clean[1].cache_sha256
 
 
-def test_cache_of_another_checkpoint_or_space_is_refused(clean, tmp_path):
+REFUSED = {   # case -> (what is tried, given the clean cache folder, its manifest and another checkpoint; message)
+    "resume with another checkpoint": (lambda out, m, other: build_cache(
+        other, DATA, "val", out, actors=2, shard_size=1, keep_confusion=True, resume=True, progress=False),
+        "checkpoint sha256"),
+    "load expecting another checkpoint": (lambda out, m, other: load_cache(
+        out, expect_checkpoint_sha256=sha256_file(other)), "checkpoint sha256"),
+    "load expecting another space": (lambda out, m, other: load_cache(
+        out, expect_space_text=SPACE.replace("c1", "c2")), "another search space"),
+    "resume with another batch size": (lambda out, m, other: build_cache(
+        m.checkpoint, DATA, "val", out, batch_size=2, shard_size=1, keep_confusion=True, resume=True,
+        progress=False), "batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_cache_of_another_checkpoint_or_space_is_refused(clean, tmp_path, case):
     out, manifest = clean
-    other = _checkpoint(tmp_path / "other.pt", 1)
-    with pytest.raises(MessError, match="checkpoint sha256"):
-        build_cache(other, DATA, "val", out, actors=2, shard_size=1, keep_confusion=True, resume=True, progress=False)
-    with pytest.raises(MessError, match="checkpoint sha256"):
-        load_cache(out, expect_checkpoint_sha256=sha256_file(other))
-    with pytest.raises(MessError, match="another search space"):
-        load_cache(out, expect_space_text=SPACE.replace("c1", "c2"))
-    with pytest.raises(MessError, match="batch_size"):
-        build_cache(clean[1].checkpoint, DATA, "val", out, batch_size=2, shard_size=1, keep_confusion=True,
-                    resume=True, progress=False)
+    attempt, message = REFUSED[case]
+    with pytest.raises(MessError, match=message):
+        attempt(out, manifest, _checkpoint(tmp_path / "other.pt", 1))
+
+
+def test_cache_of_the_expected_checkpoint_and_space_loads(clean):
+    out, manifest = clean
     ok = load_cache(out, expect_checkpoint_sha256=manifest.checkpoint_sha256, expect_space_text=manifest.space_text)
     assert ok.meta["checkpoint_sha256"] == sha256_file(manifest.checkpoint) and ok.meta["n_bins"] == 10
     assert ok.meta["cache_sha256"] == manifest.cache_sha256 and ok.meta["data"] == DATA

@@ -95,16 +95,20 @@ def test_synthetic_items_classes_and_difficulty():
     assert all(9 <= c <= 11 for c in counts.values()), counts
     for lv, h in zip(ds.level, ds.hardness):
         assert lv / 3 <= h <= (lv + 1) / 3
-    # The space's num_classes sets the class count; a conflicting `classes=` is an error.
+    # The space's num_classes sets the class count (a conflicting `classes=` is an error, below).
     ds5 = build_dataset("synthetic:1:6", "train", (16, 16), num_classes=5)
     assert ds5.num_classes == 5 and max(int(ds5[i][1].max()) for i in range(6)) <= 4
-    with pytest.raises(DataError, match="classes=4 but the space has num_classes=5"):
-        build_dataset("synthetic:classes=4", "train", (16, 16), num_classes=5)
     assert build_dataset("synthetic:1:12:hard", "val", (16, 16)).difficulty == ["hard"] * 12
-    with pytest.raises(DataError, match=r"input_size=\(0, 16\) must be two positive integers"):
-        build_dataset("synthetic", "val", (0, 16))
-    with pytest.raises(DataError, match="split 'dev' is not available for synthetic"):
-        build_dataset("synthetic", "dev", (16, 16))
+
+
+@pytest.mark.parametrize("spec, split, size, classes, message", [
+    ("synthetic:classes=4", "train", (16, 16), 5, "classes=4 but the space has num_classes=5"),
+    ("synthetic", "val", (0, 16), None, r"input_size=\(0, 16\) must be two positive integers"),
+    ("synthetic", "dev", (16, 16), None, "split 'dev' is not available for synthetic"),
+])
+def test_synthetic_bad_arguments_are_named(spec, split, size, classes, message):
+    with pytest.raises(DataError, match=message):
+        build_dataset(spec, split, size, num_classes=classes)
 
 
 def test_synthetic_deterministic_independent_of_n_and_splits_differ():
@@ -314,57 +318,102 @@ def test_coco_voc_categories_overlap_ignored(tmp_path):
         check_dataset(f"coco:{root}", "val")
 
 
-def test_missing_root_split_list_and_label(tmp_path):
-    with pytest.raises(DataError, match=f"{tmp_path / 'nope'}: camvid data root not found"):
-        check_dataset(f"camvid:{tmp_path / 'nope'}", "val")
-    root = _camvid(tmp_path / "camvid")
-    with pytest.raises(DataError, match="test.txt: split list not found"):
-        check_dataset(f"camvid:{root}", "test")
+def _no_label(root):
     (root / "valannot" / "val1.png").unlink()
-    with pytest.raises(DataError, match=r"valannot/val1.png: label of image .*val1.jpg not found"):
-        check_dataset(f"camvid:{root}", "val")
+
+
+def _unlabelled_list_line(root):
     (root / "train.txt").write_text("train/train0.jpg\n")
-    with pytest.raises(DataError, match=r"train.txt:1: .* has no label path"):
-        build_dataset(f"camvid:{root}", "train", (H, W))
+
+
+def _cityscapes_without_label(tmp_path) -> str:
     cs = tmp_path / "cs"
     _save(cs / "leftImg8bit" / "val" / "bonn" / "bonn_1_leftImg8bit.png", _rgb(0))
     (cs / "gtFine" / "val" / "bonn").mkdir(parents=True)
-    with pytest.raises(DataError, match="bonn_1_leftImg8bit.png: image without its label .*bonn_1_gtFine_labelIds.png"):
-        check_dataset(f"cityscapes:{cs}", "val")
-    with pytest.raises(DataError, match="the space has num_classes=19 but camvid has 11 classes"):
-        check_dataset(f"camvid:{root}", "val", num_classes=19)
+    return f"cityscapes:{cs}"
 
 
-def test_unreadable_truncated_and_bad_labels(tmp_path):
+# case -> (a change to a good CamVid copy, or None; the call on (tmp_path, camvid spec); the message it must raise)
+MISSING = {
+    "root": (None, lambda t, spec: check_dataset(f"camvid:{t / 'nope'}", "val"), "nope: camvid data root not found"),
+    "split list": (None, lambda t, spec: check_dataset(spec, "test"), "test.txt: split list not found"),
+    "label file": (_no_label, lambda t, spec: check_dataset(spec, "val"),
+                   r"valannot/val1.png: label of image .*val1.jpg not found"),
+    "label path in the list": (_unlabelled_list_line, lambda t, spec: build_dataset(spec, "train", (H, W)),
+                               r"train.txt:1: .* has no label path"),
+    "cityscapes label": (None, lambda t, spec: check_dataset(_cityscapes_without_label(t), "val"),
+                         "bonn_1_leftImg8bit.png: image without its label .*bonn_1_gtFine_labelIds.png"),
+    "class count": (None, lambda t, spec: check_dataset(spec, "val", num_classes=19),
+                    "the space has num_classes=19 but camvid has 11 classes"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISSING))
+def test_missing_root_split_list_and_label(tmp_path, case):
+    change, call, message = MISSING[case]
     root = _camvid(tmp_path / "camvid")
-    spec = f"camvid:{root}"
-    # Garbage header: caught by the fast scan.
+    if change is not None:
+        change(root)
+    with pytest.raises(DataError, match=message):
+        call(tmp_path, f"camvid:{root}")
+
+
+def _garbage(root):
     (root / "train" / "train1.jpg").write_bytes(b"not an image at all")
-    with pytest.raises(DataError, match=r"train1.jpg: cannot read image header"):
-        check_dataset(spec, "train")
-    # Truncated image: the header is fine, the full decode (deep scan, or loading the item) is not.
+
+
+def _truncated_image(root):
     _save(root / "train" / "train1.jpg", _rgb(9))
     _truncate(root / "train" / "train1.jpg")
-    check_dataset(spec, "train")
-    with pytest.raises(DataError, match=r"train1.jpg: cannot read image"):
-        check_dataset(spec, "train", deep=True)
-    with pytest.raises(DataError, match=r"train1.jpg: cannot read image"):
-        build_dataset(spec, "train", (H, W))[1]
-    # Truncated label map.
+
+
+def _truncated_label(root):
     _truncate(root / "valannot" / "val0.png")
-    with pytest.raises(DataError, match=r"val0.png: cannot read label map"):
-        build_dataset(spec, "val", (H, W))[0]
-    # A label value outside the classes names the file and the value.
+
+
+def _label_value_12(root):
     _save(root / "valannot" / "val1.png", _label([0, 12, 3]))
-    with pytest.raises(DataError, match=r"val1.png: label values \[12\] are outside the camvid classes"):
-        build_dataset(spec, "val", (H, W))[1]
-    # An RGB label map and a label of the wrong size are caught by the fast scan.
+
+
+def _rgb_label(root):
     _save(root / "valannot" / "val0.png", np.zeros((H, W, 3), np.uint8))
-    with pytest.raises(DataError, match=r"val0.png: label map has mode RGB"):
-        check_dataset(spec, "val")
+
+
+def _label_one_row_taller(root):
     _save(root / "valannot" / "val0.png", np.zeros((H + 1, W), np.uint8))
-    with pytest.raises(DataError, match=rf"val0.png: label map is {W}x{H + 1} but its image"):
-        check_dataset(spec, "val")
+
+
+# case -> (the damage, the call on the camvid spec, the message). The fast scan (check_dataset) reads headers only:
+# a truncated image passes it and fails the deep scan and loading the item.
+UNREADABLE = {
+    "garbage header": (_garbage, lambda spec: check_dataset(spec, "train"), r"train1.jpg: cannot read image header"),
+    "truncated image, deep scan": (_truncated_image, lambda spec: check_dataset(spec, "train", deep=True),
+                                   r"train1.jpg: cannot read image"),
+    "truncated image, loaded": (_truncated_image, lambda spec: build_dataset(spec, "train", (H, W))[1],
+                                r"train1.jpg: cannot read image"),
+    "truncated label map": (_truncated_label, lambda spec: build_dataset(spec, "val", (H, W))[0],
+                            r"val0.png: cannot read label map"),
+    "label value outside the classes": (_label_value_12, lambda spec: build_dataset(spec, "val", (H, W))[1],
+                                        r"val1.png: label values \[12\] are outside the camvid classes"),
+    "RGB label map": (_rgb_label, lambda spec: check_dataset(spec, "val"), r"val0.png: label map has mode RGB"),
+    "label of another size": (_label_one_row_taller, lambda spec: check_dataset(spec, "val"),
+                              rf"val0.png: label map is {W}x{H + 1} but its image"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE))
+def test_unreadable_truncated_and_bad_labels(tmp_path, case):
+    damage, call, message = UNREADABLE[case]
+    root = _camvid(tmp_path / "camvid")
+    damage(root)
+    with pytest.raises(DataError, match=message):
+        call(f"camvid:{root}")
+
+
+def test_truncated_image_passes_the_fast_scan(tmp_path):
+    root = _camvid(tmp_path / "camvid")
+    _truncated_image(root)
+    assert check_dataset(f"camvid:{root}", "train")["images"] == 2
 
 
 @pytest.mark.parametrize("kind, values, bad", [("cityscapes", [7, 40], 40), ("voc", [0, 21], 21),

@@ -20,6 +20,7 @@ from messearch import stats
 from messearch.cache import build_cache
 from messearch.cache_format import CacheArrays, load_cache
 from messearch.checkpoint import load_checkpoint, save_checkpoint
+from messearch.cli import main
 from messearch.costs import mac_table
 from messearch.data import build_dataset, class_names
 from messearch.dataset import IMAGENET_MEAN, IMAGENET_STD
@@ -296,9 +297,7 @@ def _front(run, tmp_path, sha=None, configs=None):
     return str(path), recs
 
 
-def test_cli_export_evaluate_and_bad_inputs(run, tmp_path, capsys):
-    from messearch.cli import main
-
+def test_cli_export_and_evaluate(run, tmp_path, capsys):
     front, recs = _front(run, tmp_path)
     row = recs[4]
     out = tmp_path / "model.pt"
@@ -311,28 +310,44 @@ def test_cli_export_evaluate_and_bad_inputs(run, tmp_path, capsys):
         assert got[key] == row[key], key
     assert {"latency_ms_median", "latency_ms_p90", "n_images"} <= set(got)
     assert load_exported(out).meta.provenance["predicted"]["miou"] == row["miou"]
-    # bad inputs: one line on stderr, exit status 2
-    cases = [
-        (["export", "--checkpoint", run["ckpt"], "--front", front, "--config-id", "cdeadbeef00", "--out", str(out)],
-         "not in"),
-        (["export", "--checkpoint", run["ckpt"], "--front", _front(run, tmp_path / "other", "0" * 64)[0],
-          "--config-id", row["config_id"], "--out", str(out)], "another checkpoint"),
-        (["evaluate", "--model", run["ckpt"] + ".nope", "--data", DATA], "not found"),
-    ]
-    for argv, words in cases:
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and words in err, err
+
+
+def _bad_cli_argv(run, tmp_path, case: str) -> list[str]:
+    front, recs = _front(run, tmp_path)
+    out = str(tmp_path / "model.pt")
+    if case == "unknown config id":
+        return ["export", "--checkpoint", run["ckpt"], "--front", front, "--config-id", "cdeadbeef00", "--out", out]
+    if case == "front of another checkpoint":
+        other = _front(run, tmp_path / "other", "0" * 64)[0]
+        return ["export", "--checkpoint", run["ckpt"], "--front", other, "--config-id", recs[4]["config_id"], "--out", out]
+    return ["evaluate", "--model", run["ckpt"] + ".nope", "--data", DATA]
+
+
+@pytest.mark.parametrize("case, words", [("unknown config id", "not in"), ("front of another checkpoint",
+                                                                           "another checkpoint"),
+                                          ("missing model", "not found")])
+def test_cli_bad_inputs_one_line(run, tmp_path, capsys, case, words):
+    """Bad inputs: one line on stderr, exit status 2."""
+    assert main(_bad_cli_argv(run, tmp_path, case)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+
+
+def test_export_of_an_unknown_id_lists_valid_ids(run, tmp_path):
+    front, recs = _front(run, tmp_path)
     with pytest.raises(MessError) as e:
         export_model(run["ckpt"], front, "zzz", tmp_path / "z.pt")
-    assert recs[0]["config_id"] in str(e.value)  # the message lists valid ids
-    with pytest.raises(MessError, match="not a messearch exported model"):
-        load_exported(run["ckpt"])
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a model")
-    with pytest.raises(MessError, match="not a messearch exported model"):
-        load_exported(junk)
+    assert recs[0]["config_id"] in str(e.value)
 
+
+@pytest.mark.parametrize("what", ["checkpoint", "junk"])
+def test_load_exported_refuses_what_is_not_an_export(run, tmp_path, what):
+    path = run["ckpt"]
+    if what == "junk":
+        path = tmp_path / "junk.pt"
+        path.write_bytes(b"not a model")
+    with pytest.raises(MessError, match="not a messearch exported model"):
+        load_exported(path)
 
 
 def _real_cache(run, tmp_path, request):

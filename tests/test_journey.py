@@ -66,3 +66,25 @@ def test_search_cli_constraint_and_latency_budget(journey, tmp_path, capsys):
     assert main(["search", "--cache", cache, "--out", str(out), "--local", "--max-gmacs", "0.000001"]) == 2
     assert "no configuration meets the constraints" in capsys.readouterr().err
     assert main(["search", "--cache", cache, "--out", str(out), "--local", "--max-latency-ms", "cpu"]) == 2
+
+
+def test_search_holdout_and_robust_query(journey, tmp_path, capsys):
+    root, _, summary = journey
+    assert "How far to trust it" in (root / "run" / "summary.md").read_text()   # the default front has intervals
+    out = tmp_path / "front.parquet"
+    cache = str(root / "run" / "cache")
+    profile = str(root / "run" / "profiles" / "cpu.parquet")
+    assert main(["search", "--cache", cache, "--out", str(out), "--profile", profile, "--local", "--holdout", "0.25",
+                 "--bootstrap", "30", "--seed", "3"]) == 0
+    front = pd.read_parquet(out)
+    for c in ("miou_lo", "gmacs_hi", "latency_ms_cpu_lo", "holdout_miou", "holdout_exit_rates", "fragile"):
+        assert c in front.columns, c
+    capsys.readouterr()
+    assert main(["query", str(out), "--max-miou-drop-pp", "1.0", "--robust", "--json"]) == 0
+    robust = json.loads(capsys.readouterr().out)
+    assert all(r["miou_delta_pp"] >= -1.0 and not r["fragile"] for r in robust[1:])
+    assert main(["query", str(out)]) == 0
+    assert "hold-out %" in capsys.readouterr().out
+    assert main(["search", "--cache", cache, "--out", str(out), "--local", "--holdout", "0.25", "--holdout-by",
+                 "group"]) == 2
+    assert "at least two groups" in capsys.readouterr().err

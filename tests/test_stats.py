@@ -29,3 +29,15 @@ def test_fused_statistics_bit_identical_to_per_exit():
     fused = stats.batch_statistics(small, mask[:, :3, :4], 5, 255, 20, keep_confusion=True)
     plain = stats.batch_statistics(small, mask[:, :3, :4], 5, 255, 20, fused=False, keep_confusion=True)
     assert all(torch.equal(fused[k], plain[k]) for k in plain)
+
+
+def test_bucketized_count_above_equals_comparisons_with_nan_and_edges_without_a_host_sync():
+    """The device-side count (no NaN check on the host) equals count_above, NaN pixels and exact bin edges included."""
+    g = torch.Generator().manual_seed(2)
+    top1 = torch.rand(4, 9, 11, generator=g)
+    top1[0, :3] = torch.tensor([k / 20 for k in range(21)], dtype=torch.float32)[:11]   # values on the edges
+    top1[1, 2, 5] = float("nan")
+    top1[2] = float("nan")
+    top1[3, 0] = 1.0
+    for n_bins in (1, 10, 20):
+        assert torch.equal(stats.count_above_bucketized(top1, n_bins), stats.count_above(top1, n_bins)), n_bins

@@ -204,3 +204,19 @@ def test_ray_train_two_cpu_workers(ray_local, tmp_path):
     path = train(space, DATA, tmp_path / "ray", stage="1", gpus=2, progress=False, max_steps=1)
     payload = torch.load(path, weights_only=True)
     assert payload["extra"]["world_size"] == 2 and 0.0 <= payload["exit_miou"]["final"] <= 1.0
+
+
+def test_on_epoch_end_returning_true_ends_that_stage_cleanly(tmp_path):
+    """A caller's time budget: True after stage 1's first epoch ends stage 1 there; stage 2 still runs, mess.pt is whole."""
+    seen = []
+
+    def budget(stage, epoch, row):
+        seen.append((stage, epoch))
+        return stage == "1"
+
+    path = train(tiny(e1=3, e2=2), DATA, tmp_path, progress=False, max_steps=1, on_epoch_end=budget)
+    assert seen == [("1", 1), ("2", 1), ("2", 2)]
+    net, _, _ = load_checkpoint(path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["extra"]["heads_trained"] and len(payload["exit_miou"]) == len(net.exits) + 1
+    assert (tmp_path / "train_log.csv").read_text().count("\n") == 1 + 3
