@@ -110,23 +110,33 @@ def _add_export(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="the MESS checkpoint the front was searched on (DIR/mess.pt)")
     p.add_argument("--front", required=True, help="pareto.parquet")
     p.add_argument("--config-id", required=True, help="config_id of the row to export")
-    p.add_argument("--out", required=True, help="output file (model.pt)")
+    p.add_argument("--out", help="output file (model.pt)")
     p.add_argument("--torchscript", action="store_true", help="write a TorchScript archive (torch.jit.load alone runs it)")
+    p.add_argument("--onnx", metavar="DIR", help="also (or only) write ONNX graphs, one per stage, and cascade.json "
+                   "to DIR (run them with messearch.runtime; needs the `onnx` extra)")
 
 
 def _run_export(args) -> int:
     from .export import build_export, save_exported
 
+    if not args.out and not args.onnx:
+        raise MessError("export needs --out FILE, --onnx DIR, or both")
     model = build_export(args.checkpoint, args.front, args.config_id)
-    path = save_exported(model, args.out, torchscript=args.torchscript)
-    print(model.meta.format_summary(path, args.torchscript))
+    path = save_exported(model, args.out, torchscript=args.torchscript) if args.out else None
+    folder = None
+    if args.onnx:
+        from .onnx_export import export_onnx
+
+        folder = export_onnx(model, args.onnx)
+    print(model.meta.format_summary(path, args.torchscript, folder))
     return 0
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="measure a model (exported or original): mIoU, exit rates, MACs, latency")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", help="an exported model (messearch export)")
+    g.add_argument("--model", help="an exported model (messearch export --out), or an ONNX folder (--onnx DIR; "
+                   "runs on ONNX Runtime)")
     g.add_argument("--checkpoint", help="a MESS checkpoint: evaluates the original model (backbone + final head)")
     p.add_argument("--data", required=True, help="data spec, e.g. synthetic:0:64 or camvid:/path")
     p.add_argument("--split", default="val")

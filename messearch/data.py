@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data_folder import FolderDataset
+from .data_folder import FolderDataset, read_classes
 from .data_formats import FORMATS
 from .data_synthetic import SyntheticDataset, parse_synthetic
 from .data_synthetic import class_names as synthetic_class_names
@@ -44,7 +44,8 @@ def parse_spec(spec: str):
 
 
 def class_names(spec: str, num_classes: int) -> list[str]:
-    """The class names of the data set `spec` names (read from no file); `class_k` where a format has none."""
+    """The class names of the data set `spec` names, without reading its images (a folder's from its classes file
+    when it is here); `class_k` where a format has none or their number is not `num_classes`."""
     try:
         fmt, arg = parse_spec(spec)
     except DataError:
@@ -52,6 +53,11 @@ def class_names(spec: str, num_classes: int) -> list[str]:
     if fmt == "synthetic":
         return synthetic_class_names(num_classes)
     names = list(FORMATS[fmt].CLASS_NAMES) if fmt in FORMATS else []
+    if fmt == "folder":
+        try:
+            names = list(read_classes(arg).names)
+        except DataError:  # exported away from the data: generic names
+            names = []
     return names if len(names) == num_classes else [f"class_{k}" for k in range(num_classes)]
 
 

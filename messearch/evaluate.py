@@ -25,6 +25,7 @@ from .errors import MessError
 from .export import export_config, is_torchscript_file, load_exported
 from .export_meta import ExportMeta
 from .files import load_weights_only, sha256_file
+from .onnx_export import OnnxCascadeModule
 
 
 
@@ -83,7 +84,10 @@ class EvaluationResult:
 
 
 def load_model(path):
-    """An exported model file, or a MESS checkpoint (mess.pt) as its reference model (backbone + final head)."""
+    """An exported model file, an ONNX export folder (run by ONNX Runtime), or a MESS checkpoint (mess.pt) as its
+    reference model (backbone + final head)."""
+    if Path(path).is_dir():
+        return OnnxCascadeModule(path)
     if not Path(path).is_file():
         raise MessError(f"{path}: model file not found")
     if not is_torchscript_file(path):

@@ -215,6 +215,7 @@ def export_config(net, space: Space, config: Config, provenance: dict | None = N
     `policy` (a PolicySpec, default the space's) is the exit policy the search assumed; `class_names` default to
     those of the space's data set.
     """
+
     check_config(space, config, [tuple(e) for e in net.exits])
     policy = policy or space.policy
     names = [u.name for u in net.units]

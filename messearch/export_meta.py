@@ -27,8 +27,12 @@ class ExportMeta:
     ignore_index: int
     input_size: list                 # [H, W] the model was searched at
     class_names: list = field(default_factory=list)
-    mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))   # preprocessing: (x / 255 - mean) / std per
-    std: list = field(default_factory=lambda: list(IMAGENET_STD))     # RGB channel
+    # preprocessing, as evaluation does it: RGB resized to input_size, then (x / pixel_max - mean) / std per channel
+    # in float32, NCHW
+    mean: list = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list = field(default_factory=lambda: list(IMAGENET_STD))
+    pixel_max: float = 255.0
+    resize: str = "bilinear (PIL), stretched to input_size"
 
     @property
     def exits(self) -> list[list[str]]:
@@ -50,9 +54,13 @@ class ExportMeta:
         kw["config"] = Config.from_dict(d["config"])
         return cls(**kw)
 
-    def format_summary(self, path, torchscript: bool = False) -> str:
-        """One line for `messearch export`: the row, its exits, the final head, the file."""
+    def format_summary(self, path=None, torchscript: bool = False, onnx_dir=None) -> str:
+        """One line for `messearch export`: the row, its exits, the final head, the file and/or the ONNX folder."""
         cfg = self.config
+        written = [f"{path}{' (TorchScript)' if torchscript else ''}"] if path else []
+        if onnx_dir:
+            n = cfg.n_exits + (cfg.kind != "static")
+            written.append(f"{onnx_dir}/ (ONNX, {n} stage graph{'s' * (n != 1)} + cascade.json)")
         return (f"exported {self.provenance.get('config_id') or cfg.config_id} ({cfg.kind}; exits: {cfg.exits_text()}; "
-                f"final head {'kept' if cfg.kind != 'static' else 'pruned'}) to {path}"
-                f"{' (TorchScript)' if torchscript else ''}; reference {self.costs['reference'] / 1e9:.3f} GMACs")
+                f"final head {'kept' if cfg.kind != 'static' else 'pruned'}) to {' and '.join(written)}; "
+                f"reference {self.costs['reference'] / 1e9:.3f} GMACs")

@@ -278,12 +278,13 @@ def test_reference_from_checkpoint(run):
     assert r.latency_ms_median > 0 and r.latency_ms_p90 >= r.latency_ms_median
 
 
-def _front(run, tmp_path, sha=None):
-    """A pareto.parquet holding the rows of _configs with their predicted figures (the search's columns)."""
+def _front(run, tmp_path, sha=None, configs=None):
+    """A pareto.parquet holding the rows of `configs` (default _configs) with their predicted figures (the search's
+    columns)."""
     import pandas as pd
 
     space, recs = run["space"], []
-    for cfg in _configs(run, space.policy):
+    for cfg in configs or _configs(run, space.policy):
         p = _predict(run["cache"], cfg, run["macs"], space.policy)
         recs.append({"config_id": cfg.config_id, "kind": cfg.kind, "n_exits": cfg.n_exits,
                      "positions": list(cfg.positions), "heads": list(cfg.heads), "thresholds": list(cfg.thresholds),
