@@ -79,7 +79,7 @@ class EvaluationResult:
         if self.batch1:
             b = self.batch1
             lines.append(f"  vs batch 1: {b['n_pixels_differ']} pixels and {b['n_exits_differ']} exits differ "
-                         f"(max |logit diff| {b['max_abs_logit_diff']:.3g})")
+                         f"(max |logit diff| at equal exits {b['max_abs_logit_diff']:.3g})")
         return "\n".join(lines)
 
 
@@ -208,13 +208,15 @@ def _timed_forward(model, x: torch.Tensor, dev: torch.device):
 
 
 def _compare(model, x, logits, ex, diff: dict) -> None:
-    """Run each image of a batch alone; count pixels whose argmax differs, images whose exit differs."""
+    """Run each image of a batch alone; count pixels whose argmax differs, images whose exit differs, and the largest
+    logit difference among images that left at the same exit (another exit's logits come from another head)."""
     for i in range(x.shape[0]):
         li, ei, _ = model(x[i:i + 1])
         diff["n_pixels_differ"] += int((li.argmax(1) != logits[i:i + 1].argmax(1)).sum())
         diff["n_exits_differ"] += int(ei[0] != ex[i])
         diff["n_logits_differ"] += int((li != logits[i:i + 1]).sum())
-        diff["max_abs_logit_diff"] = max(diff["max_abs_logit_diff"], float((li - logits[i:i + 1]).abs().max()))
+        if ei[0] == ex[i]:
+            diff["max_abs_logit_diff"] = max(diff["max_abs_logit_diff"], float((li - logits[i:i + 1]).abs().max()))
 
 
 def _bar(n: int, progress: bool):
