@@ -98,16 +98,18 @@ def shutdown_own(grace_s: float = 5.0) -> None:
         pass
     _own_tag = None
     os.environ.pop(RUN_TAG_ENV, None)
-    left = _tagged_pids(tag)
+    # Rescan every round: a process that was starting during the first scan (an agent the raylet was spawning
+    # when the interrupt came) is found and ended too.
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
         deadline = time.monotonic() + grace_s
+        left = _tagged_pids(tag)
         while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = [p for p in left if p in _tagged_pids(tag)]
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            time.sleep(0.2)
+            left = _tagged_pids(tag)
         if not left:
             break

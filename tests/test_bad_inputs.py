@@ -462,7 +462,7 @@ def _tagged(tag: str) -> list[str]:
 
 def _interrupt(argv, when, sig, group=False, timeout=240):
     """Run messearch with argv; when when() is true send sig (to its process group: a terminal's Ctrl+C); return
-    (exit status, stderr, processes of its own still alive 3 s after it exited)."""
+    (exit status, stderr, processes of its own still alive 15 s after it exited)."""
     tag = uuid.uuid4().hex
     env = dict(os.environ, MESSEARCH_TEST_TAG=tag, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     env.pop("RAY_ADDRESS", None)
@@ -475,7 +475,10 @@ def _interrupt(argv, when, sig, group=False, timeout=240):
         assert p.poll() is None, f"finished before the signal: {p.communicate()[1][-2000:]}"
         os.killpg(p.pid, sig) if group else p.send_signal(sig)
         _, err = p.communicate(timeout=timeout)
-        time.sleep(3)
+        # Ray's agents notice their raylet is gone within a few seconds; give them 15 s, then list who is left.
+        deadline = time.monotonic() + 15
+        while _tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.5)
         return p.returncode, err, _tagged(tag)
     finally:
         if p.poll() is None:
