@@ -5,8 +5,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "messearch"
-# Modules that may import package modules inside functions: the CLI (fast --help) only.
-LOCAL_IMPORTS_ALLOWED = {"cli"}
+# Modules that may import package modules inside functions: the CLI's (fast --help) only.
+LOCAL_IMPORTS_ALLOWED = {"cli", "cli_prepare", "cli_front"}
 
 
 def _module_name(path: Path) -> str:
