@@ -1,8 +1,9 @@
 """A real multi-node run on one machine (issue 9): a local Ray cluster with a 0-CPU head and two 1-CPU workers.
 
-Builds a cache with a worker node removed mid-run (its shard is retried elsewhere), checks the cache equals the
-statistics computed in this process without Ray, then searches across the cluster (in-process and through the
-`ray submit` entry script cluster/run.py) and checks both fronts equal the local front. Prints ONE JSON line;
+Builds a cache with a worker node removed mid-run (the shard its actor is handed next is lost and retried
+elsewhere), checks the cache equals the statistics computed in this process without Ray, then searches across the
+cluster (in-process and through the `ray submit` entry script cluster/run.py) and checks both fronts equal the local
+front. Prints ONE JSON line;
 exit status 0 only if every check holds. Run by tests/test_multinode.py in a subprocess (its own Ray).
 
     python tests/multinode_scenario.py --out DIR
@@ -59,13 +60,36 @@ def make_checkpoint(out: Path) -> Path:
     return path
 
 
-def node_of(ray, actor) -> str | None:
-    """The node id (hex) an actor lives on, from the GCS actor table."""
+def actor_location(ray, actor) -> tuple[str, int]:
+    """The node id (hex, as `ray.nodes()` and `Node.node_id` spell it) and the process id of an actor, from the
+    GCS actor table (a private layout: if it changes, the scenario fails with the KeyError, it does not guess)."""
+    rec = ray._private.state.actors(actor_id=actor._actor_id.hex())
+    return rec["Address"]["NodeID"], int(rec["Pid"])
+
+
+def wait_actor_gone(ray, actor, pid: int, timeout: float = 60.0) -> float:
+    """Wait until the actor's process has exited and the GCS marks the actor DEAD; the seconds it took."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if not process_alive(pid) and ray._private.state.actors(actor_id=actor._actor_id.hex())["State"] == "DEAD":
+            return time.perf_counter() - t0
+        time.sleep(0.1)
+    raise RuntimeError(f"the removed node's actor (pid {pid}) was still alive {timeout:g} s after the removal")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie left by the killed raylet counts as gone)."""
     try:
-        rec = ray._private.state.actors(actor_id=actor._actor_id.hex())
-        return rec["Address"]["NodeID"]
-    except Exception:   # the table's layout is private; fall back to any worker node
-        return None
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:   # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def single_node_reference(ckpt: Path) -> dict:
@@ -119,21 +143,24 @@ def main() -> int:
         cluster.wait_for_nodes()
         result["cluster_up_s"] = round(time.perf_counter() - t_start, 2)
 
-        # --- cache, with the node of a live actor removed after the first shard is written
+        # --- cache, with the node of the actor that just wrote the first shard removed
         removed: dict = {}
         t_cache = time.perf_counter()
 
         def on_shard(k, pool):
             if removed:
                 return
-            # The actor that just wrote shard k is the idle one: it gets the next shard, which must then fail
-            # and be retried on another actor (deterministic, unlike racing a running shard).
-            idle = [a for a, _, busy in pool if not busy] or [a for a, _, _ in pool]
-            node_id = node_of(ray, idle[0])
-            victim = next((n for n in workers if n.unique_id == node_id), workers[0])
+            # The actor that just wrote shard k is the idle one, and the pool hands it the next shard as soon as this
+            # callback returns. Remove its node and wait until its process is gone: that next shard is then lost with
+            # the node, and the pool must retry it on another actor. Deterministic, unlike removing a busy actor's
+            # node, whose 2-image shard may finish first. Match `Node.node_id`: `Node.unique_id` is "ip:plasma-socket".
+            actor = next(a for a, _, busy in pool if not busy)
+            node_id, pid = actor_location(ray, actor)
+            victim = next(n for n in workers if n.node_id == node_id)
             cluster.remove_node(victim)
-            removed.update(after_shard=k, at_s=round(time.perf_counter() - t_cache, 2),
-                           node_found=node_id is not None)
+            gone_s = wait_actor_gone(ray, actor, pid)
+            removed.update(after_shard=k, at_s=round(time.perf_counter() - t_cache, 2), pid=pid,
+                           actor_gone_s=round(gone_s, 2))
             workers.remove(victim)
             workers.append(cluster.add_node(num_cpus=1))   # keep two CPUs: the replacement actor lands here
 
@@ -144,8 +171,14 @@ def main() -> int:
         retried = sorted({r["shard"] for r in manifest.retries})
         if not removed:
             problems.append("no node was removed")
-        if not retried:
-            problems.append(f"no shard was retried after the node removal (retries={manifest.retries})")
+        if len(retried) != 1:
+            problems.append(f"expected exactly the one shard handed to the removed node's actor to be retried "
+                            f"(retries={manifest.retries})")
+        redone_by = {manifest.shards[s]["worker"]["pid"] for s in retried}
+        if removed and removed["pid"] in redone_by:
+            problems.append(f"a retried shard is recorded as written by the removed actor (pid {removed['pid']})")
+        if removed and removed["pid"] not in {w["pid"] for w in manifest.workers}:
+            problems.append(f"the removed actor (pid {removed['pid']}) is not among the cache's workers")
 
         # --- single-node reference: the same statistics without Ray
         rows, ids = single_node_reference(ckpt)
@@ -179,7 +212,8 @@ def main() -> int:
 
         result.update(images=cache.n_images, retried_shards=len(retried), retries=manifest.retries,
                       node_removed_at_s=removed.get("at_s"), node_removed_after_shard=removed.get("after_shard"),
-                      node_found=removed.get("node_found"), workers=len({(w["host"], w["pid"]) for w in manifest.workers}),
+                      removed_actor_gone_s=removed.get("actor_gone_s"),
+                      workers=len({(w["host"], w["pid"]) for w in manifest.workers}),
                       cache_s=round(cache_s, 2), search_s=round(search_s, 2), run_py_s=round(run_s, 2),
                       front_rows=len(read_front(paths[0])[0]), fronts_equal=equal, cache_equal_single_node=cache_equal)
     except Exception as e:   # report, do not hide: the JSON line says what broke

@@ -14,8 +14,6 @@ SCENARIO = Path(__file__).with_name("multinode_scenario.py")
 
 
 @pytest.mark.cluster
-@pytest.mark.xfail(strict=False, reason="since this round's merges the scenario's removed node often holds no "
-                   "pending shard, so no retry happens (3 of 3 full runs on 2026-11-29); open, to be investigated")
 def test_multinode_cache_survives_node_loss_and_fronts_match(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # the scenario makes its own cluster
     proc = subprocess.run([sys.executable, str(SCENARIO), "--out", str(tmp_path)], capture_output=True, text=True,
@@ -26,9 +24,10 @@ def test_multinode_cache_survives_node_loss_and_fronts_match(tmp_path):
     print(lines[-1])
     assert res["problems"] == [], res["problems"]
     assert proc.returncode == 0 and res["ok"]
-    # 24 val images in shards of 2; the removed node's actor lost a shard, which another actor redid.
+    # 24 val images in shards of 2; the removed node's actor lost the shard it was handed next, which another actor
+    # redid (the scenario also checks the redone shard's recorded writer is not the removed actor).
     assert res["images"] == 24
-    assert res["retried_shards"] >= 1
+    assert res["retried_shards"] == 1
     assert all("Actor" in r["error"] for r in res["retries"]), res["retries"]
     assert res["node_removed_at_s"] is not None and res["node_removed_after_shard"] is not None
     # Cluster cache == the same statistics computed in one process without Ray, array by array, bit for bit.
