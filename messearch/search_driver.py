@@ -62,8 +62,9 @@ def evaluate_shard(prep: Prepared, items, keep_all_dir=None, tag: str = "shard0"
     return sink.rows(), sink.n_evaluated
 
 
-def evaluate_configs(cache: CacheArrays, spec: SearchSpec, macs, latencies=None) -> pd.DataFrame:
-    """Every configuration of the space (reference row first) with all front columns; for small spaces and checks."""
+def evaluate_configs(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shards: int = 1) -> pd.DataFrame:
+    """Every configuration of the space (reference row first) with all front columns; for small spaces and checks.
+    The work items are evaluated shard by shard (as a search with `shards` shards would), rows concatenated."""
     prep = prepare(cache, spec, macs, latencies)
     parts = []
 
@@ -73,8 +74,8 @@ def evaluate_configs(cache: CacheArrays, spec: SearchSpec, macs, latencies=None)
 
         def block(self, b):
             parts.append(block_rows(prep, b, np.arange(b.size)))
-    sink = _All(prep)
-    evaluate_items(prep, plan_items(spec), sink)
+    for items in assign_shards(plan_items(spec), shards):
+        evaluate_items(prep, items, _All(prep))
     ref = reference_rows(prep)
     return rows_to_frame(prep, concat_rows([ref] + parts), ref)
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from .cache_format import CacheArrays
 from .errors import MessError
-from .search import BLOCK_ELEMS, Prepared, evaluate_items, prepare
+from .search import Prepared, evaluate_items, prepare
+from .search_blocks import BLOCK_ELEMS
 from .search_spec import SearchSpec, plan_items
 from .shard_front import FrontSink
 

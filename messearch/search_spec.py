@@ -68,7 +68,9 @@ def plan_items(spec: SearchSpec) -> list[tuple]:
 
 
 def assign_shards(items: list[tuple], n_shards: int) -> list[list[tuple]]:
-    """Longest-processing-time assignment of items to n_shards (deterministic)."""
+    """Longest-processing-time assignment of items to n_shards (deterministic). Trees of one first position differ
+    only in their first threshold, so each shard then takes a contiguous run of those thresholds (same loads):
+    a tree carries its sums from one threshold to the next, which pays more the closer they are."""
     n_shards = max(1, int(n_shards))
     shards = [[] for _ in range(n_shards)]
     load = [0] * n_shards
@@ -76,7 +78,10 @@ def assign_shards(items: list[tuple], n_shards: int) -> list[list[tuple]]:
         i = min(range(n_shards), key=lambda j: (load[j], j))
         shards[i].append(item)
         load[i] += item[-1]
-    return shards
-
-
-# -------------------------------------------------------------------------------------------- in-process
+    runs = {}
+    for shard in shards:
+        for it in shard:
+            if it[0] == "tree":
+                runs.setdefault(it[2], []).append(it[1])
+    runs = {p: iter(sorted(ts)) for p, ts in runs.items()}
+    return [[("tree", next(runs[it[2]]), *it[2:]) if it[0] == "tree" else it for it in shard] for shard in shards]

@@ -36,13 +36,14 @@ def block_rows(prep: Prepared, b: Block, idx: np.ndarray, miou: np.ndarray | Non
     return rows
 
 
-def block_objectives(prep: Prepared, b: Block, chunk: int = 2048) -> np.ndarray:
-    """[M, d] objectives to minimise of a whole block; mIoU through stats.miou_from_counts in cache-sized chunks."""
+def block_objectives(prep: Prepared, b: Block, chunk: int = 4096) -> np.ndarray:
+    """[M, d] objectives to minimise of a whole block; mIoU through stats.miou_from_counts in cache-sized chunks
+    (on the float64 counts themselves: exact integers below 2**53)."""
     counts = b.counts.reshape(-1, prep.width)
     c = prep.n_classes
     miou = np.empty(len(counts))
     for s in range(0, len(counts), chunk):
-        part = counts[s:s + chunk].astype(np.int64)
+        part = counts[s:s + chunk]
         miou[s:s + chunk] = stats.miou_from_counts(part[:, :c], part[:, c:2 * c], prep.gt)
     cols = [-miou, b.total["macs"].reshape(-1) / prep.n / 1e9]
     cols += [b.total[f"lat:{dev}"].reshape(-1) / prep.n for dev in prep.devices]

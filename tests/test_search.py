@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messearch import search, shard_front, stats
+from messearch import search_blocks, shard_front, stats
 from messearch.cache_format import CacheArrays
 from messearch.errors import MessError
 from messearch.config import config_id
@@ -206,15 +206,15 @@ SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(H
 @contextlib.contextmanager
 def small_blocks(on: bool):
     """Blocks of one parent prefix and one position's columns: every chunked path of the evaluator runs."""
-    saved = dict(search.BLOCK_ELEMS), search.COLUMN_ELEMS
+    saved = dict(search_blocks.BLOCK_ELEMS), search_blocks.COLUMN_ELEMS
     if on:
-        search.BLOCK_ELEMS.update({True: 1, False: 1})
-        search.COLUMN_ELEMS = 1
+        search_blocks.BLOCK_ELEMS.update({True: 1, False: 1})
+        search_blocks.COLUMN_ELEMS = 1
     try:
         yield
     finally:
-        search.BLOCK_ELEMS.update(saved[0])
-        search.COLUMN_ELEMS = saved[1]
+        search_blocks.BLOCK_ELEMS.update(saved[0])
+        search_blocks.COLUMN_ELEMS = saved[1]
 
 
 @SETTINGS
@@ -240,17 +240,36 @@ def test_front_equals_brute_force_per_exit(problem, shards, small):
     assert df.attrs["n_evaluated"] == len(rows) - 1 == spec.n_configs()
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.booleans().flatmap(problems), st.booleans())
-def test_every_configuration_equals_brute_force(problem, small):
-    # both modes, every configuration row for row: the incremental sums (per-exit thresholds carried from one
-    # threshold to the next), the chunked blocks and the float32 runs give the brute force's exact numbers
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.booleans().flatmap(problems), st.booleans(), st.integers(1, 4))
+def test_every_configuration_equals_brute_force(problem, small, shards):
+    # both modes, every configuration row for row: the incremental sums (carried from one threshold to the next:
+    # per-exit, a prefix's last-exit thresholds; shared, the one threshold of all exits), the chunked blocks, the
+    # float32 runs and trees holding only a shard's thresholds give the brute force's exact numbers
     cache, spec, macs, latencies = problem
     rows = brute_force_rows(cache, spec, macs, latencies)
     with small_blocks(small):
-        df = evaluate_configs(cache, spec, macs, latencies)
+        df = evaluate_configs(cache, spec, macs, latencies, shards=shards)
     assert len(df) == len(rows) and df["config_id"].is_unique
     assert_same_rows(df, rows, latencies)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 10**6), st.booleans(), st.booleans())
+def test_many_thresholds_carried_row_for_row(seed, per_exit, small):
+    # many thresholds over many images, confidences tied to the thresholds' values: each step of the carried sums
+    # adds and removes several images, some at exactly the threshold; every configuration against the brute force
+    rng = np.random.default_rng(seed)
+    cache = make_cache(seed, 3, 2, 24, 3)
+    thresholds = tuple(float(t) for t in rng.permutation(np.round(np.linspace(0.05, 0.95, 7 if per_exit else 12), 2)))
+    cache.conf_mean = rng.choice(np.asarray(thresholds + (0.0, 1.0)), cache.conf_mean.shape)
+    spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=thresholds, max_exits=3,
+                      thresholds_mode="per-exit" if per_exit else "shared")
+    macs = make_costs(seed, cache.positions, cache.heads)
+    rows = brute_force_rows(cache, spec, macs, {})
+    with small_blocks(small):
+        df = evaluate_configs(cache, spec, macs, shards=int(rng.integers(1, 4)))
+    assert_same_rows(df, rows, {})
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
@@ -339,7 +358,8 @@ def test_large_pixel_counts_stay_exact(scale):
     macs = make_costs(11, cache.positions, cache.heads)
     spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
                       policy_kind="fraction", pixel_threshold_bin=2)
-    from messearch.search import _runs, prepare
+    from messearch.search import prepare
+    from messearch.search_blocks import exact_runs as _runs
     prep = prepare(cache, spec, macs)
     all_images = np.arange(prep.n)
     assert (prep.xd.dtype == np.float32 and len(_runs(prep, all_images)) > 1) if scale == 2**19 else prep.xd.dtype == np.float64
