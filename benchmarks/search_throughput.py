@@ -133,7 +133,7 @@ def search_once(cache: CacheArrays, spec: SearchSpec, macs: Costs, shards: int, 
     seconds = time.perf_counter() - t0
     n = df.attrs["n_evaluated"]
     assert n == spec.n_configs(), (n, spec.n_configs())
-    return {"n_configs": n, "front_size": len(df), "search_s": round(seconds, 2), "configs_per_s": round(n / seconds),
+    return {"n_configs": n, "shards": len(df.attrs["shard_eval_s"]), "front_size": len(df), "search_s": round(seconds, 2), "configs_per_s": round(n / seconds),
             "evaluator_configs_per_cpu_s": round(n / df.attrs["shard_cpu_s"]),
             "shard_eval_s": [round(x, 2) for x in sorted(df.attrs["shard_eval_s"])],
             "trial_peak_rss_mb": round(df.attrs["trial_max_rss_mb"]),
@@ -144,22 +144,28 @@ def search_once(cache: CacheArrays, spec: SearchSpec, macs: Costs, shards: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="shared,per-exit", help="comma-separated: shared, per-exit")
-    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=None, help="default: sized from the measured rate, as `messearch search` does")
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--baselines", action="store_true", help="also time a numpy loop and one-config-per-trial Tune")
+    ap.add_argument("--per-exit-thresholds", type=int, default=10,
+                    help="thresholds per exit of the per-exit space (10: the reference's 287,489,280 configurations)")
     args = ap.parse_args()
     import ray
     load0 = os.getloadavg()
     cache = random_cache()
     macs = reference_macs()
-    out = {"num_cpus": args.num_cpus, "shards": args.shards, "load_average_1_5_15_before": [round(x, 1) for x in load0]}
+    out = {"num_cpus": args.num_cpus, "shards_asked": args.shards, "load_average_1_5_15_before": [round(x, 1) for x in load0]}
     t0 = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     out["ray_start_s"] = round(time.perf_counter() - t0, 2)
     for mode in args.modes.split(","):
-        spec = SearchSpec(positions=POSITIONS, heads=HEADS, max_exits=3, **SPECS[mode])
+        grid = dict(SPECS[mode])
+        if mode == "per-exit" and args.per_exit_thresholds != 10:
+            grid["thresholds"] = tuple(np.round(np.linspace(0.5, 0.95, args.per_exit_thresholds), 4))
+        spec = SearchSpec(positions=POSITIONS, heads=HEADS, max_exits=3, **grid)
         with tempfile.TemporaryDirectory() as d:
             out[mode], df = search_once(cache, spec, macs, args.shards, d)
+        print(f"{mode}: {json.dumps(out[mode])}", file=sys.stderr, flush=True)   # kept if a later mode is cut short
         if args.baselines and mode == "shared":
             numpy_rate, trial_rate = plain_numpy_rate(cache, spec), per_trial_tune_rate(cache)
             rate = out[mode]["configs_per_s"]

@@ -63,8 +63,8 @@ def estimate(prep: Prepared, spec: SearchSpec, items: list[tuple], cores: int, s
     m = measure_rate(prep, items, seconds)
     rate = max(m["configs_per_cpu_s"], 1.0)
     n = spec.n_configs()
-    tc = 1 if prep.shared else len(prep.thresholds)
-    d_bytes = prep.n * prep.n_exits * tc * prep.width * prep.xd.itemsize
+    # both kernels hold the cache's rows masked per threshold (per-exit: tree_d; shared: one array per step)
+    d_bytes = prep.n * prep.n_exits * len(prep.thresholds) * prep.width * prep.xd.itemsize
     return {"n_configs": n, "configs_per_cpu_s": rate, "cores": int(cores), "cpu_seconds": n / rate,
             "seconds": n / rate / max(1, int(cores)), "measured_configs": m["sampled"],
             "bytes": int(2 * d_bytes + 6 * 8 * BLOCK_ELEMS[prep.shared] + prep.xd.nbytes + prep.fail.nbytes)}
