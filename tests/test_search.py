@@ -410,3 +410,19 @@ def test_size_estimate_from_a_measured_rate_refuses_an_hour_without_force_or_clu
     search_size.check(long, force=True, address=None)
     search_size.check(long, force=False, address="10.0.0.1:6379")
     assert search_size.n_shards(long, 2) == math.ceil(1e6 / search_size.TRIAL_SECONDS)   # no trial over a minute
+
+
+def test_shards_take_contiguous_thresholds_with_the_same_loads():
+    from messearch.search_spec import assign_shards, plan_items
+    spec = SearchSpec(positions=[f"p{i}" for i in range(5)], heads=["a", "b"], thresholds=tuple(range(11)),
+                      max_exits=3, mode="single")
+    items = plan_items(spec)
+    for n in (1, 2, 3, 4, 7):
+        shards = assign_shards(items, n)
+        assert sorted(it for s in shards for it in s) == sorted(items)   # every item once
+        loads = sorted(sum(it[-1] for it in s) for s in shards)
+        assert loads[-1] - loads[0] <= max(it[-1] for it in items)        # LPT balance kept
+        for s in shards:
+            for p in {it[2] for it in s if it[0] == "tree"}:
+                ts = sorted(it[1] for it in s if it[0] == "tree" and it[2] == p)
+                assert ts == list(range(ts[0], ts[0] + len(ts))), (n, p, ts)
