@@ -76,13 +76,21 @@ def _bmm(tree: _Tree, mask: np.ndarray, idx: np.ndarray, mat: np.ndarray) -> np.
     return np.matmul(mask.astype(np.float64, order="C"), mat.astype(np.float64))
 
 
+def _accumulate(prep, out: np.ndarray, mask: np.ndarray, idx: np.ndarray, mat: np.ndarray) -> None:
+    """out += mask [R, len(idx)] (bool) @ mat [len(idx), K] (integer rows of images idx), exactly: float32 products
+    over runs of images whose bounds sum below 2**24 (float64 when xd is), summed in float64."""
+    for a, z in exact_runs(prep, idx):
+        out += mask[:, a:z].astype(mat.dtype) @ mat[a:z]
+
+
 def _extend(prep, tree, s_par: np.ndarray, ex: np.ndarray, rows_t: list, cols: np.ndarray, chunk_elems: int):
     """Yield (threshold step, Block): every prefix row (head ex[h] after parent p, row h * P + p; parents' bins
     s_par [P, N]; Rows per threshold step) extended by each exit in cols (a contiguous range), step by step.
 
     The new exits' sums are carried from step to step: the images whose row bin max(s_par[p], b[ex[h]]) is ti
     start surviving (one product over them by their passing rows), and the survivors of bin ti at a new exit
-    stop passing it (one product per column over its bin-ti images, batched over the columns).
+    stop passing it (one product per column over its bin-ti images, batched over the columns). At a step where
+    the survivors who can still leave are fewer than those changes (low thresholds), the sums are made afresh.
     """
     n, w = prep.n, prep.width
     b, xd = tree.b_pad, tree.xd_pad
@@ -102,19 +110,23 @@ def _extend(prep, tree, s_par: np.ndarray, ex: np.ndarray, rows_t: list, cols: n
         run = np.zeros((h, pc, ncol * w))   # the new exits' sums at the current step, carried
         for ti in range(tree.steps):
             d = tree.d_at(ti)                                                 # [N + 1, E, W]: passing rows
-            enter = np.flatnonzero(np.any(s_rows[:, :n] == ti, axis=0) & (reach > ti))
-            if len(enter):
-                mat = d[enter, c0:c1].reshape(len(enter), -1)
-                mask = s_rows[:, enter] == ti
-                flat = run.reshape(h * pc, -1)
-                for a, z in exact_runs(prep, enter):   # float32 products exact per run, summed in float64
-                    flat += mask[:, a:z].astype(mat.dtype) @ mat[a:z]
-            if ti:
-                idx = leave.at(ti)                                            # [ncol, m]
-                if idx.shape[1]:
-                    mask = (s_rows[:, idx] < ti).transpose(1, 0, 2)           # [ncol, R, m]
-                    lost = _bmm(tree, mask, idx, xd[idx, col_ix])            # [ncol, R, W]
-                    run.reshape(h * pc, ncol, w)[:] -= lost.transpose(1, 0, 2)
+            live = reach > ti
+            enter = np.flatnonzero(np.any(s_rows[:, :n] == ti, axis=0) & live)
+            idx = leave.at(ti) if ti else np.zeros((ncol, 0), dtype=np.int64)   # [ncol, m]
+            surv = np.flatnonzero(np.any(s_rows[:, :n] <= ti, axis=0) & live)
+            flat = run.reshape(h * pc, -1)
+            if len(surv) <= len(enter) + idx.shape[1]:
+                # fewer survivors than changes: this step's sums afresh (the dense product), carried from here on
+                flat[:] = 0.0
+                if len(surv):
+                    _accumulate(prep, flat, s_rows[:, surv] <= ti, surv, d[surv, c0:c1].reshape(len(surv), -1))
+                idx = idx[:, :0]
+            elif len(enter):
+                _accumulate(prep, flat, s_rows[:, enter] == ti, enter, d[enter, c0:c1].reshape(len(enter), -1))
+            if idx.shape[1]:
+                mask = (s_rows[:, idx] < ti).transpose(1, 0, 2)               # [ncol, R, m]
+                lost = _bmm(tree, mask, idx, xd[idx, col_ix])                # [ncol, R, W]
+                run.reshape(h * pc, ncol, w)[:] -= lost.transpose(1, 0, 2)
             rows = rows_t[ti].take(rid)
             counts = (run.reshape(h * pc, ncol, w) + rows.counts[:, None, :])[:, :, None, :]
             yield ti, block_of(prep, rows, cols, tree.t[ti:ti + 1], counts, s_rows[:, :n])
