@@ -88,7 +88,7 @@ class Block:
 
 
 
-def block_of(prep: Prepared, rows: Rows, ce, col_t, counts, survivors) -> Block:
+def block_of(prep, rows: Rows, ce, col_t, counts, survivors) -> Block:
     w = prep.width
     n_new = counts[..., w - 1] - rows.counts[:, None, None, w - 1]
     n_final = prep.n - counts[..., w - 1]

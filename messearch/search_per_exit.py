@@ -13,13 +13,13 @@ from . import search_blocks as sb
 from .search_blocks import Group, Rows, block_of, child_rows, exact_runs, group_of
 
 
-def _fail(prep: Prepared, e: int, tcols: np.ndarray) -> np.ndarray:
+def _fail(prep, e: int, tcols: np.ndarray) -> np.ndarray:
     """bool [N, Tc]: images that do not leave at exit e with each threshold (all of them for the root)."""
     return np.ones((prep.n, len(tcols)), dtype=bool) if e < 0 else prep.fail[:, e][:, tcols]
 
 
 
-def _extend(prep: Prepared, g: Group, d: np.ndarray, tree_t: np.ndarray, cols: np.ndarray, tsel: np.ndarray,
+def _extend(prep, g: Group, d: np.ndarray, tree_t: np.ndarray, cols: np.ndarray, tsel: np.ndarray,
             chunk_elems: int):
     """Yield Blocks of every prefix in g extended by each (exit in cols, threshold tree_t[tsel]); d is [N, E, Tt, W].
 
@@ -71,7 +71,7 @@ def _extend(prep: Prepared, g: Group, d: np.ndarray, tree_t: np.ndarray, cols: n
 
 
 
-def eval_tree(prep: Prepared, roots, sink, chunk_elems: int | None = None) -> None:
+def eval_tree(prep, roots, sink, chunk_elems: int | None = None) -> None:
     """Evaluate every cascade whose first exit is a head at position p with threshold index t, (t, p) in roots.
 
     Shared thresholds: all roots share one t. Calls sink.block(Block) for every block of configurations.
