@@ -45,6 +45,8 @@ def profile_latency(checkpoint, device: str = "cpu", batch_size: int = 1, out=No
     exact_numerics(dev)   # the kernels the cache and evaluate run, so predicted latency is of the measured model
     if batch_size < 1:
         raise MessError(f"--batch-size {batch_size}: must be >= 1")
+    if threads is not None and threads < 1:
+        raise MessError(f"--threads {threads}: allowed an integer >= 1 (torch CPU threads)")
     threads = int(threads or torch.get_num_threads())
     net, space, _ = load_checkpoint(checkpoint)
     net = net.to(dev)
