@@ -356,6 +356,31 @@ def _class_list(name: str, data: bytes):
     return setup
 
 
+def _checkpoint_edit(edit):
+    """A copy of the checkpoint with its dict changed by edit(payload) (a hand-edited or foreign file)."""
+    def setup(env, tmp):
+        payload = torch.load(env["ckpt"], weights_only=True)
+        edit(payload)
+        torch.save(payload, tmp / "x.pt")
+        return {}
+    return setup
+
+
+def _profile_without(key: str):
+    """A real profile of the checkpoint, its metadata field `key` removed."""
+    def setup(env, tmp):
+        import pyarrow.parquet as pq
+
+        from messearch.profile import profile_latency
+
+        profile_latency(env["ckpt"], out=tmp / "cpu.parquet", min_run_time=0.01, progress=False)
+        t = pq.read_table(tmp / "cpu.parquet")
+        pq.write_table(t.replace_schema_metadata({k: v for k, v in t.schema.metadata.items() if k != key.encode()}),
+                       tmp / "cpu.parquet")
+        return {}
+    return setup
+
+
 TRAIN_D = ["train", "--space", "{space}", "--data", "{d}", "--out", "{tmp}/t", "--quiet"]
 NOT_FINITE = "allowed a finite number"
 ROWS += [
@@ -371,6 +396,15 @@ ROWS += [
     ("profile-threads-negative", None,
      ["profile", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.parquet", "--threads", "-1", "--quiet"], 2,
      "--threads -1: allowed an integer >= 1"),
+    ("checkpoint-without-space-text", _checkpoint_edit(lambda p: p.pop("space_text")),
+     ["cache", "--checkpoint", "{tmp}/x.pt", "--out", "{tmp}/c", "--quiet"], 2,
+     "x.pt: field 'space_text' is missing or not a str"),
+    ("checkpoint-weights-of-another-network", _checkpoint_edit(lambda p: p["state_dict"].popitem()),
+     ["profile", "--checkpoint", "{tmp}/x.pt", "--out", "{tmp}/p.parquet", "--quiet"], 2,
+     "x.pt: its weights do not fit the network of its own space"),
+    ("search-profile-without-positions", _profile_without("positions"),
+     ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--local", "--profile", "{tmp}/cpu.parquet"], 2,
+     "cpu.parquet: metadata field 'positions' missing or malformed"),
     # --- the mean policy's pixel limit, enforced as its class limit is
     ("space-mean-beyond-4-mpixel", space_with("input_size: [2048, 4096]"), ["info", "{s}", "--no-estimate"], 2,
      "field 'input_size': bad value [2048, 4096]; allowed: at most 4194304 pixels (4 Mpixel; here 8388608)"),
