@@ -171,8 +171,9 @@ def build_cache(checkpoint, data_spec: str | None, split: str, out_dir, actors: 
     available, else cpu) with `threads` torch CPU threads (1, as a one-CPU Ray actor has: the same CPU rounding),
     so the manifest, resume and hashes are the same and cache_sha256 equals a Ray-built cache's.
     """
-    if batch_size < 1 or shard_size < 1:
-        raise MessError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
+    for flag, value in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--threads", threads)):
+        if value < 1:
+            raise MessError(f"{flag} {value}: allowed an integer >= 1")
     out_dir = Path(out_dir)
     payload = read_checkpoint(checkpoint)            # a clear error for a missing or foreign file
     ckpt_bytes = Path(checkpoint).read_bytes()      # actors get these bytes: remote nodes need no shared disk

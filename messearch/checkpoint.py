@@ -44,12 +44,25 @@ def save_checkpoint(path, net: MESSNetwork, data_spec: str, exit_miou: dict | No
     atomic_write_bytes(path, buf.getvalue())
 
 
+# The fields every reader of a checkpoint indexes, with their types.
+_FIELDS = {"space_text": str, "exits": list, "state_dict": dict}
+
+
+def check_payload(payload: dict, path) -> dict:
+    """`payload` (a MESS checkpoint's dict) when it holds the fields readers index; a MessError naming the field."""
+    for name, kind in _FIELDS.items():
+        if not isinstance(payload.get(name), kind):
+            raise MessError(f"{path}: field {name!r} is missing or not a {kind.__name__}; not a whole messearch MESS "
+                            f"checkpoint (train again, or use the file `messearch train` wrote)")
+    return payload
+
+
 def read_checkpoint(path, map_location="cpu") -> dict:
     """The raw checkpoint dict, loaded with weights_only=True; a clear error if it is not a MESS checkpoint."""
     payload = load_weights_only(path, "checkpoint", map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise MessError(f"{path}: not a messearch MESS checkpoint (expected format {FORMAT!r})")
-    return payload
+    return check_payload(payload, path)
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[MESSNetwork, Space, dict]:
@@ -57,5 +70,9 @@ def load_checkpoint(path, map_location="cpu") -> tuple[MESSNetwork, Space, dict]
     payload = read_checkpoint(path, map_location)
     space = space_from_text(payload["space_text"], payload.get("space_source") or f"{path}:space")
     net = MESSNetwork(space, exits=[tuple(e) for e in payload["exits"]])
-    net.load_state_dict(payload.pop("state_dict"))
+    try:
+        net.load_state_dict(payload.pop("state_dict"))
+    except RuntimeError as e:   # missing, unexpected or mis-shaped tensors
+        first = " ".join(str(e).split())[:200]
+        raise MessError(f"{path}: its weights do not fit the network of its own space ({first})") from None
     return net.eval(), space, payload

@@ -58,7 +58,7 @@ def _add_search(sub) -> None:
 
 
 def _run_search(args) -> int:
-    from .front import summary_line
+    from .front import check_constraints, summary_line
     from .search_driver import SearchOptions, search_to_front
 
     opts = SearchOptions(max_exits=args.max_exits, thresholds=args.thresholds, mode=args.mode, profiles=args.profile,
@@ -69,6 +69,9 @@ def _run_search(args) -> int:
                          holdout_by=args.holdout_by)
     if args.bootstrap < 0:
         raise MessError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 (none) or more")
+    if args.shards is not None and args.shards < 1:
+        raise MessError(f"--shards {args.shards}: allowed an integer >= 1 (Ray Tune trials)")
+    check_constraints(opts.max_gmacs, opts.max_latency_ms, opts.min_miou, opts.max_miou_drop_pp)
     df = search_to_front(args.cache, args.out, opts, space_path=args.space)
     print(summary_line(df))
     print(f"wrote {args.out}")
@@ -169,6 +172,15 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+RESUME_RULE = ("Train, cache, profile, search, export and evaluate. A rerun with the same --out skips every stage "
+               "whose output is complete and was made from this run's inputs (OUT/run.json records them), and redoes "
+               "a stage whose inputs changed together with every later stage that reads it: an edited grid "
+               "(thresholds, max_exits, mode) is searched again on the same cache. An interrupted training resumes "
+               "from OUT/train_state.pt. A mess.pt (or train_state.pt) trained from other inputs (other space "
+               "fields, --data, --epochs, --init-checkpoint) is never reused or replaced silently: the run stops with "
+               "one line naming what changed; use another --out, or remove mess.pt and train_state.pt to retrain.")
+
+
 def _add_pipeline_args(p) -> None:
     p.add_argument("--out", required=True, help="run folder (mess.pt, cache/, profiles/, pareto.parquet, model.pt)")
     p.add_argument("--data", help="data spec (default: the space's)")
@@ -188,7 +200,8 @@ def _search_opts(args):
 
 
 def _add_pipeline(sub) -> None:
-    p = sub.add_parser("pipeline", help="train, cache, profile, search, export and evaluate; resumes where it stopped")
+    p = sub.add_parser("pipeline", help="train, cache, profile, search, export and evaluate; resumes where it stopped",
+                       description=RESUME_RULE)
     p.add_argument("--space", required=True, help=SPACE_HELP)
     _add_pipeline_args(p)
     p.add_argument("--init-checkpoint", help="start training from local weights (as train --init-checkpoint)")
@@ -204,7 +217,8 @@ def _run_pipeline(args) -> int:
 
 
 def _add_quickstart(sub) -> None:
-    p = sub.add_parser("quickstart", help="the whole pipeline on built-in synthetic data, CPU, local Ray")
+    p = sub.add_parser("quickstart", help="the whole pipeline on built-in synthetic data, CPU, local Ray",
+                       description=RESUME_RULE)
     _add_pipeline_args(p)
     p.set_defaults(out="results/quickstart")
     for a in p._actions:

@@ -111,7 +111,7 @@ def _add_cache(sub) -> None:
     p.add_argument("--local", action="store_true",
                    help="no Ray: the same worker runs every shard in this process (same manifest, resume and hashes)")
     p.add_argument("--device", default=None, help="with --local: cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int, default=None,
                    help="with --local: torch CPU threads (default 1, as a Ray actor: the same CPU rounding)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -122,11 +122,15 @@ def _run_cache(args) -> int:
     if args.device and not args.local:
         raise MessError(f"--device {args.device}: only with --local (Ray actors take a GPU each when the cluster "
                         f"has GPUs; see --gpus-per-actor)")
+    if args.threads is not None and not args.local:
+        raise MessError(f"--threads {args.threads}: only with --local (each Ray actor runs one torch thread, for the "
+                        f"same CPU rounding everywhere)")
     m = build_cache(args.checkpoint, args.data, args.split, args.out, actors=args.actors,
                     gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, resume=args.resume,
                     keep_confusion=args.keep_confusion, address=args.address,
-                    shard_size=args.shard_size or DEFAULT_SHARD_SIZE, progress=not args.quiet, local=args.local,
-                    device=args.device, threads=args.threads)
+                    shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
+                    progress=not args.quiet, local=args.local, device=args.device,
+                    threads=1 if args.threads is None else args.threads)
     print(m.format_summary(args.out))
     return 0
 

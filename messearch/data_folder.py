@@ -93,10 +93,21 @@ def _make(names, values, void, colour, source) -> FolderClasses:
     return FolderClasses(tuple(names), tuple(values), tuple(void), colour, str(source))
 
 
+def _read_text(path: Path) -> str:
+    """A class list's text (UTF-8); DataError naming the file and the first bad byte otherwise."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); allowed: a "
+                        f"UTF-8 class list (re-save it as UTF-8)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+
+
 def _parse_yaml(path: Path) -> FolderClasses:
     try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        doc = yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as e:
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     if not isinstance(doc, dict) or "classes" not in doc:
         raise DataError(f"{path}: expected a mapping with `classes:` (and optionally `void:`)")
@@ -127,7 +138,7 @@ def _parse_yaml(path: Path) -> FolderClasses:
 
 def _parse_txt(path: Path) -> FolderClasses:
     names, values, voids, kinds = [], [], [], set()
-    lines = [(i, ln.split("#")[0].strip()) for i, ln in enumerate(path.read_text().splitlines(), 1)]
+    lines = [(i, ln.split("#")[0].strip()) for i, ln in enumerate(_read_text(path).splitlines(), 1)]
     for index, (lineno, line) in enumerate((i, ln) for i, ln in lines if ln):
         m = re.fullmatch(r"(.+?)\s+(\d+)\s+(\d+)\s+(\d+)", line)
         name = m.group(1) if m else line

@@ -117,6 +117,8 @@ def evaluate(model_or_path, data_spec: str, split: str = "val", device: str = "c
     threads: torch intra-op threads while evaluating (CPU rounding depends on it: use the cache's to compare exactly).
     repeat: time every batch this many times (metrics from the first run; latency per image is the median).
     """
+    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+        raise MessError(f"--threads {threads}: allowed an integer >= 1 (torch CPU threads)")
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))

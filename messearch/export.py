@@ -363,14 +363,18 @@ def build_export(checkpoint, front_path, config_id: str) -> DynamicExitModel:
     config = Config.from_row(row)
     net, space, info = load_checkpoint(checkpoint)
     policy = policy_to_build(meta, space.policy, front_path)   # the policy the search read, checked
-    predicted = {k: _plain(row[k]) for k in row.index if k in ("miou", "pixel_acc", "mean_gmacs", "exit_rates",
-                                                               "speedup", "miou_delta_pp") or k.startswith("latency_ms_")}
     provenance = {"config_id": config_id, "checkpoint": str(checkpoint), "checkpoint_sha256": sha,
-                  "front": str(front_path), "cache_sha256": meta.get("cache_sha256", ""), "predicted": predicted}
+                  "front": str(front_path), "cache_sha256": meta.get("cache_sha256", ""), "predicted": predicted(row)}
     names = data_class_names(info.get("data") or space.data, space.num_classes)   # the data it was trained on
     model = export_config(net, space, config, provenance, policy, names)
     check_built_policy(model.meta.policy, policy, front_path)
     return model
+
+
+def predicted(row) -> dict:
+    """What a front row predicts for its exported model (recorded in the export's provenance), in plain values."""
+    return {k: _plain(row[k]) for k in row.index if k in ("miou", "pixel_acc", "mean_gmacs", "exit_rates", "speedup",
+                                                          "miou_delta_pp") or k.startswith("latency_ms_")}
 
 
 def export_model(checkpoint, front_path, config_id: str, out, torchscript: bool = False) -> str:

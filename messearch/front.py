@@ -31,6 +31,17 @@ BASE_COLUMNS = ["config_id", "kind", "n_exits", "positions", "heads", "threshold
 
 # ------------------------------------------------------------------------------------------- constraints
 
+def check_constraints(max_gmacs=None, max_latency_ms=None, min_miou=None, max_miou_drop_pp=None) -> None:
+    """MessError naming the first constraint that is not a finite number (NaN would silently drop every row)."""
+    given = [("--max-gmacs", max_gmacs), ("--min-miou", min_miou), ("--max-miou-drop-pp", max_miou_drop_pp)]
+    budget = max_latency_ms if isinstance(max_latency_ms, dict) else dict([max_latency_ms] if max_latency_ms else [])
+    given += [(f"--max-latency-ms {dev}=", ms) for dev, ms in budget.items()]
+    for flag, value in given:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not np.isfinite(value)):
+            raise MessError(f"{flag}{'' if flag.endswith('=') else ' '}{value}: allowed a finite number")
+
+
 def meets(miou, mean_gmacs, miou_delta_pp, latency_ms: dict, max_gmacs=None, max_latency_ms=None, min_miou=None,
           max_miou_drop_pp=None) -> np.ndarray:
     """Which rows meet every given constraint (bool array); latency_ms maps device -> that device's column."""
@@ -243,6 +254,7 @@ def _latency_column(df: pd.DataFrame, device: str) -> str:
 def filter_front(df: pd.DataFrame, max_gmacs=None, max_latency_ms=None, min_miou=None, max_miou_drop_pp=None,
                  include_reference: bool = False) -> pd.DataFrame:
     """Rows meeting every given constraint; max_latency_ms is (device, ms) or {device: ms}."""
+    check_constraints(max_gmacs, max_latency_ms, min_miou, max_miou_drop_pp)
     budget = {}
     if max_latency_ms is not None:
         budget = dict(max_latency_ms) if isinstance(max_latency_ms, dict) else dict([tuple(max_latency_ms)])

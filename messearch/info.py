@@ -8,13 +8,18 @@ from . import search_size
 from .costs import mac_table
 from .model import feature_shapes
 from .config import count_configs
-from .space import builtin_spaces, load_space
+from .errors import MessError
+from .space import MIN_INPUT_SIZE, builtin_spaces, load_space
 
 
 def space_info(path: str, input_size=None, n_images: int = 500, estimate: bool = True) -> dict:
     """A JSON-ready description of a space (a built-in name or a file): positions with channels and resolution,
     heads, GMACs, n_configs, and (estimate) the search time on this machine's cores for n_images cached images."""
     space = load_space(path)
+    if input_size is not None and (len(input_size) != 2 or any(isinstance(v, bool) or not isinstance(v, int)
+                                                                or v < MIN_INPUT_SIZE for v in input_size)):
+        raise MessError(f"--input-size {' '.join(map(str, input_size))}: allowed two integers (height, width), each "
+                        f">= {MIN_INPUT_SIZE}")
     size = tuple(input_size or space.input_size)
     table = mac_table(space, size)
     timing = search_size.space_estimates(space, table, n_images, os.cpu_count() or 1) if estimate else None

@@ -10,6 +10,8 @@ sum that is exact, one division), so equal logits give the PyTorch model's confi
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import List
@@ -20,7 +22,7 @@ from torch import nn
 from . import stats
 from .errors import MessError
 from .export_meta import ExportMeta
-from .files import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text, sha256_file
 from .runtime import CASCADE_FILE, FORMAT, Cascade
 
 OPSET = 17
@@ -78,12 +80,44 @@ def _groups(model) -> list[tuple[list, int | None]]:
 
 
 def export_onnx(model, out_dir, opset: int = OPSET) -> Path:
-    """Write `model` (a DynamicExitModel) to `out_dir` as stage<k>.onnx files and cascade.json; returns the folder."""
+    """Write `model` (a DynamicExitModel) to `out_dir` as stage<k>.onnx files and cascade.json; returns the folder.
+
+    The set is written beside `out_dir` first and replaces the folder's previous set only when complete, so an
+    interrupted export leaves the previous cascade whole; cascade.json records each graph's sha256, which
+    messearch.runtime checks, so a folder of mixed exports is refused, never run."""
     if not hasattr(model, "stages") or not isinstance(getattr(model, "meta", None), ExportMeta):
         raise MessError("ONNX export needs a messearch exported model (export_config or load_exported of a .pt "
                         "file), not a TorchScript archive")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MessError(f"--onnx {out}: is a file; give a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_set(model, tmp, opset)
+        _replace_set(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace_set(new: Path, out: Path) -> None:
+    """Move the complete set in `new` over `out`'s stage graphs and cascade.json (other files are left alone). Only
+    renames happen here; cascade.json goes first and comes back last, so no moment shows a loadable mixed set."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / CASCADE_FILE).unlink(missing_ok=True)
+    names = {p.name for p in new.glob("stage*.onnx")}
+    for old in out.glob("stage*.onnx"):
+        if old.name not in names:   # a stage of a longer earlier cascade
+            old.unlink()
+    for name in sorted(names):
+        os.replace(new / name, out / name)
+    os.replace(new / CASCADE_FILE, out / CASCADE_FILE)
+
+
+def _write_set(model, out: Path, opset: int) -> None:
     meta = model.meta
     size = [int(v) for v in meta.input_size]
     policy = (model.policy_kind, model.pixel_bin, model.n_bins)
@@ -105,7 +139,7 @@ def export_onnx(model, out_dir, opset: int = OPSET) -> Path:
         wrapper.eval()   # a new Module starts in training mode: batch norm would use (and update) batch statistics
         path = out / f"stage{k}.onnx"
         _onnx_export(wrapper, args, path, inputs, outputs, opset)
-        entry = {"file": path.name, "inputs": inputs, "outputs": outputs, "exit": exit_id,
+        entry = {"file": path.name, "sha256": sha256_file(path), "inputs": inputs, "outputs": outputs, "exit": exit_id,
                  "segment_macs": int(sum(s.seg_macs for s in stages))}
         if exit_id is None:
             entry["final_macs"] = int(model.final_macs)
@@ -120,7 +154,6 @@ def export_onnx(model, out_dir, opset: int = OPSET) -> Path:
     cascade = {"format": FORMAT, "stages": entries, "n_exits": model.n_exits, "static": bool(model.static),
                "opset": opset, **meta.to_dict()}
     atomic_write_text(out / CASCADE_FILE, json.dumps(cascade, indent=1))
-    return out
 
 
 def _onnx_export(module, args, path: Path, inputs, outputs, opset: int) -> None:

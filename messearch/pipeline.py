@@ -1,15 +1,18 @@
 """The whole journey (`messearch pipeline`, `quickstart`): train, cache, profile, search, export, evaluate,
-each stage skipped when its output is already complete so that a rerun resumes."""
+each stage skipped when its output is complete and made from this run's inputs, so that a rerun resumes
+(messearch.run_folder: the rule, and run.json, the record of each stage's inputs)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
 from .cache import build_cache
-from .cache_format import load_cache
+from .cache_format import load_cache, read_manifest
 from .checkpoint import read_checkpoint
 from .config import exits_text
 from .data import check_dataset
@@ -21,8 +24,9 @@ from .export import export_model, load_exported
 from .files import atomic_write_text, sha256_file
 from .front import latency_devices_of, read_front
 from .plot import plot_front
-from .profile import profile_latency
+from .profile import profile_latency, read_profile
 from .ray_runtime import connect
+from .run_folder import check_trained, interrupted_training, model_is_current, read_record, write_record
 from .search_driver import SearchOptions, search_to_front
 from .space import load_space
 from .train import train
@@ -35,17 +39,63 @@ QUICKSTART_SPACE = "quickstart"
 ROBUST_DEFAULT = False
 
 
-def _front_is_current(path: Path, ckpt_sha: str, cache_sha: str, opts: SearchOptions) -> bool:
-    if not path.exists():
+def _front_is_current(path: Path, ckpt_sha: str, cache_sha: str, space_text: str, opts: SearchOptions,
+                      searched: dict | None, inputs: dict) -> bool:
+    if not path.exists() or searched != inputs:   # run.json: the profile (and the rest) the front was searched with
         return False
     try:
         _, meta = read_front(path)
-    except MessError:   # not a front this run can trust: search again (the new one replaces it atomically)
+        held = json.loads(meta.get("holdout") or "null")
+    except (MessError, ValueError):   # not a front this run can trust: search again (the new one replaces it atomically)
         return False
-    held = json.loads(meta.get("holdout") or "null")
     asked = None if opts.holdout is None else [opts.holdout, opts.holdout_by, opts.seed]
     return (meta.get("checkpoint_sha256") == ckpt_sha and meta.get("cache_sha256") == cache_sha
-            and (held and [held["fraction"], held["by"], held["seed"]]) == (asked or None))
+            and meta.get("space_text") == space_text
+            and ([held.get("fraction"), held.get("by"), held.get("seed")] if isinstance(held, dict) else None) == asked)
+
+
+def _text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _cache_stage(ckpt: Path, ckpt_sha: str, data: str, cache_dir: Path, address: str | None):
+    """The run's cache: kept when complete and built from this checkpoint and data, resumed when partial, rebuilt
+    when it was built from another checkpoint or data (its shards cannot be reused)."""
+    try:
+        cache = load_cache(cache_dir, expect_checkpoint_sha256=ckpt_sha)
+        if cache.meta.get("data") == data:
+            _say(f"cache: {cache_dir} complete ({cache.n_images} images), skipped")
+            return cache
+    except MessError:
+        pass
+    old = read_manifest(cache_dir)
+    if old is not None and (old.checkpoint_sha256 != ckpt_sha or old.data != data):
+        _say(f"cache: {cache_dir} was built from another checkpoint or data; removed, built again")
+        shutil.rmtree(cache_dir)
+        old = None
+    _say("cache: every candidate exit over the validation split, Ray actors")
+    build_cache(ckpt, data, "val", cache_dir, resume=old is not None, address=address)
+    return load_cache(cache_dir, expect_checkpoint_sha256=ckpt_sha)
+
+
+def _profile_is_current(path: Path, ckpt_sha: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        meta, _ = read_profile(path)
+    except MessError:
+        return False
+    return meta.get("checkpoint_sha256") == ckpt_sha
+
+
+def _model_is_current(path: Path, chosen, ckpt_sha: str, cache_sha: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        provenance = load_exported(path).meta.provenance
+    except MessError:   # unreadable: export again (atomically)
+        return False
+    return model_is_current(provenance, chosen, ckpt_sha, cache_sha)
 
 
 def _say(msg: str) -> None:
@@ -57,7 +107,8 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
                  search_opts: SearchOptions | None = None, init_checkpoint: str | None = None,
                  robust: bool | None = None) -> dict:
     """Train (both stages), cache, profile, search, export the cheapest row within `tol_pp` of the reference, and
-    evaluate it; each stage is skipped when its output is complete. `space_path`: a built-in space name or a YAML
+    evaluate it; each stage is skipped when its output is complete and was made from these inputs, redone when they
+    changed (a trained mess.pt from other inputs is refused; messearch.run_folder). `space_path`: a built-in space name or a YAML
     file; `init_checkpoint`: training starts from these weights (any shape messearch.weights accepts);
     `robust`: choose by messearch.trust.robust_mask (default ROBUST_DEFAULT).
     Returns a summary dict (also summary.md)."""
@@ -70,55 +121,49 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     check_dataset(data, "val", space.num_classes)
     timings = {}
 
-    ckpt = out / "mess.pt"
     t = time.perf_counter()
-    if ckpt.exists():
-        trained = read_checkpoint(ckpt)  # a broken file is an error, not a silent retrain
-        init_sha = trained.get("extra", {}).get("init", {}).get("sha256")
-        if init_checkpoint and (not Path(init_checkpoint).is_file() or init_sha != sha256_file(init_checkpoint)):
-            raise MessError(f"--init-checkpoint {init_checkpoint}: {ckpt} exists and was not trained from it; "
-                            f"use another --out, or remove {ckpt} to retrain")
-        _say(f"train: {ckpt} exists, skipped")
-    else:
-        _say("train: stage 1 (exit-aware backbone), then stage 2 (every candidate head)")
-        train(space, data, out, stage="both", epochs=epochs, device=device, address=address,
-              init_checkpoint=init_checkpoint)
+    ckpt = train_stage(space, data, out, epochs, device, address, init_checkpoint)
     timings["train"] = time.perf_counter() - t
     ckpt_sha = sha256_file(ckpt)
+    write_record(out, "train", {"checkpoint_sha256": ckpt_sha, "data": data, "epochs": epochs,
+                                "init_checkpoint": init_checkpoint, "space": str(space_path)})
 
     connect(address, what="`messearch pipeline` (Ray actors and Ray Tune)")
     cache_dir = out / "cache"
     t = time.perf_counter()
-    try:
-        cache = load_cache(cache_dir, expect_checkpoint_sha256=ckpt_sha)
-        _say(f"cache: {cache_dir} complete ({cache.n_images} images), skipped")
-    except MessError:
-        _say("cache: every candidate exit over the validation split, Ray actors")
-        build_cache(ckpt, data, "val", cache_dir, resume=(cache_dir / "manifest.json").exists(), address=address)
-        cache = load_cache(cache_dir, expect_checkpoint_sha256=ckpt_sha)
+    cache = _cache_stage(ckpt, ckpt_sha, data, cache_dir, address)
+    cache_sha = cache.meta.get("cache_sha256", "")
+    write_record(out, "cache", {"checkpoint_sha256": ckpt_sha, "data": data, "split": "val", "cache_sha256": cache_sha})
     timings["cache"] = time.perf_counter() - t
 
     dev_name = device_kind(device)
     profile_path = out / "profiles" / f"{dev_name}.parquet"
     t = time.perf_counter()
-    if profile_path.exists():
+    if _profile_is_current(profile_path, ckpt_sha):
         _say(f"profile: {profile_path} exists, skipped")
     else:
         _say(f"profile: latency of every segment and head on this {dev_name}")
         profile_latency(ckpt, device=device, out=profile_path)
+    write_record(out, "profile", {"checkpoint_sha256": ckpt_sha, "device": device,
+                                  "profile_sha256": sha256_file(profile_path)})
     timings["profile"] = time.perf_counter() - t
 
     front_path = out / "pareto.parquet"
     t = time.perf_counter()
-    cache_sha = cache.meta.get("cache_sha256", "")
     opts = search_opts or SearchOptions()
-    if _front_is_current(front_path, ckpt_sha, cache_sha, opts):
+    search_inputs = {"checkpoint_sha256": ckpt_sha, "cache_sha256": cache_sha,
+                     "profile_sha256": sha256_file(profile_path), "space_sha256": _text_sha(space.text),
+                     "holdout": None if opts.holdout is None else [opts.holdout, opts.holdout_by, opts.seed]}
+    if _front_is_current(front_path, ckpt_sha, cache_sha, space.text, opts, read_record(out).get("search"),
+                         search_inputs):
         _say(f"search: {front_path} is current, skipped")
     else:
         _say("search: every configuration, Ray Tune shards")
         opts.profiles = [str(profile_path)]
         opts.address = address
-        search_to_front(cache_dir, front_path, opts)
+        # the space given, not the cache's: an edited grid (thresholds, max_exits, mode) is searched on the same cache
+        search_to_front(cache_dir, front_path, opts, space_path=str(space_path))
+    write_record(out, "search", search_inputs)
     timings["search"] = time.perf_counter() - t
     front, meta = read_front(front_path)
     plot_front(front, out / "pareto.png", title=f"{space.name}: MESS configurations on {data} (val)")
@@ -128,11 +173,13 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     chosen = choose(front, tol_pp, robust=robust)
     model_path = out / "model.pt"
     t = time.perf_counter()
-    if model_path.exists() and load_exported(model_path).meta.provenance.get("config_id") == chosen["config_id"]:
-        _say(f"export: {model_path} holds {chosen['config_id']}, skipped")
+    if _model_is_current(model_path, chosen, ckpt_sha, cache_sha):
+        _say(f"export: {model_path} holds {chosen['config_id']} of this front, skipped")
     else:
         _say(f"export: {chosen['config_id']} ({rule})")
         export_model(ckpt, front_path, chosen["config_id"], model_path)
+    write_record(out, "export", {"config_id": chosen["config_id"], "rule": rule,
+                                 "front_sha256": sha256_file(front_path), "checkpoint_sha256": ckpt_sha})
     timings["export"] = time.perf_counter() - t
 
     ref = front[front["is_reference"]].iloc[0]
@@ -161,6 +208,28 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     atomic_write_text(out / "summary.md", format_summary_md(summary))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def train_stage(space, data: str, out: Path, epochs: int | None = None, device: str = "cpu",
+                address: str | None = None, init_checkpoint: str | None = None) -> Path:
+    """The pipeline's training (both stages) into `out`; returns out/mess.pt. Skipped when mess.pt was trained from
+    these inputs (MessError when from others), resumed when train_state.pt holds an interrupted training."""
+    ckpt, state = out / "mess.pt", out / "train_state.pt"
+    if ckpt.exists():
+        trained = read_checkpoint(ckpt)  # a broken file is an error, not a silent retrain
+        check_trained(ckpt, trained, space, data, epochs)
+        init_sha = trained.get("extra", {}).get("init", {}).get("sha256")
+        if init_checkpoint and (not Path(init_checkpoint).is_file() or init_sha != sha256_file(init_checkpoint)):
+            raise MessError(f"--init-checkpoint {init_checkpoint}: {ckpt} exists and was not trained from it; "
+                            f"use another --out, or remove {ckpt} and {state} to retrain")
+        _say(f"train: {ckpt} exists, skipped")
+        return ckpt
+    resume = state.exists()
+    train_space = interrupted_training(state, space, data, epochs, init_checkpoint) if resume else space
+    _say(f"train: resuming the interrupted training in {state}" if resume else
+         "train: stage 1 (exit-aware backbone), then stage 2 (every candidate head)")
+    return train(train_space, data, out, stage="both", epochs=epochs, device=device, address=address,
+                 init_checkpoint=init_checkpoint, resume=resume)
 
 
 def learning_curve(log_path: Path) -> list[float]:

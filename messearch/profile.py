@@ -45,6 +45,8 @@ def profile_latency(checkpoint, device: str = "cpu", batch_size: int = 1, out=No
     exact_numerics(dev)   # the kernels the cache and evaluate run, so predicted latency is of the measured model
     if batch_size < 1:
         raise MessError(f"--batch-size {batch_size}: must be >= 1")
+    if threads is not None and threads < 1:
+        raise MessError(f"--threads {threads}: allowed an integer >= 1 (torch CPU threads)")
     threads = int(threads or torch.get_num_threads())
     net, space, _ = load_checkpoint(checkpoint)
     net = net.to(dev)
@@ -106,12 +108,23 @@ def read_profile(path) -> tuple[dict, "object"]:
 def load_profile(path) -> tuple[str, CostTable]:
     """The device name and latency CostTable (unit 'ms' per call at the profile's batch size) of a profile file."""
     meta, df = read_profile(path)
-    positions, heads = json.loads(meta["positions"]), json.loads(meta["heads"])
+    for key in ("positions", "heads", "device_name"):
+        try:
+            value = json.loads(meta[key]) if key != "device_name" else meta[key]
+        except (KeyError, ValueError):
+            value = None
+        if not isinstance(value, list if key != "device_name" else str):
+            raise MessError(f"{path}: metadata field {key!r} missing or malformed; allowed: what `messearch profile` "
+                            f"writes (profile again)")
+    positions, heads, name = json.loads(meta["positions"]), json.loads(meta["heads"]), meta["device_name"]
     seg = df[df.kind == "segment"].sort_values("index")["ms"].to_numpy(np.float64)
     if len(seg) < len(positions) or (df.kind == "final").sum() != 1:
         raise MessError(f"{path}: incomplete profile (needs {len(positions)}+ segments and one final head)")
     head = np.full((len(positions), len(heads)), np.nan)
     for r in df[df.kind == "head"].itertuples():
+        if r.position not in positions or r.head not in heads:
+            raise MessError(f"{path}: a head row at ({r.position!r}, {r.head!r}), not among the profile's positions "
+                            f"{positions} and heads {heads}; profile again (messearch profile)")
         head[positions.index(r.position), heads.index(r.head)] = r.ms
     if np.isnan(head).any():
         raise MessError(f"{path}: incomplete profile (some candidate heads were not timed)")
@@ -119,7 +132,7 @@ def load_profile(path) -> tuple[str, CostTable]:
     table = CostTable(positions=positions, heads=heads, backbone_to=cumulative[:len(positions)].copy(),
                       backbone_total=float(cumulative[-1]), head=head,
                       final=float(df[df.kind == "final"]["ms"].iloc[0]), unit="ms")
-    return meta["device_name"], table
+    return name, table
 
 
 def format_profile(df) -> str:

@@ -15,6 +15,8 @@ def query_front(path, max_gmacs=None, max_latency_ms=None, min_miou=None, max_mi
                 robust: bool = False) -> pd.DataFrame:
     """Rows of the front in `path` meeting every constraint (the reference row always listed first), sorted.
     robust: the mIoU tolerance must also hold for the lower bound and the hold-out mIoU, and fragile rows go."""
+    if top is not None and top < 1:
+        raise MessError(f"--top {top}: allowed an integer >= 1 (at most that many rows besides the reference)")
     front, _ = read_front(path)
     if sort not in front.columns:
         raise MessError(f"--sort {sort!r}: not a column of {path}; allowed: {', '.join(front.columns)}")

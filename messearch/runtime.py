@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MessError
+from .files import sha256_file   # hashlib only (no torch)
 
 FORMAT = "messearch/onnx-cascade-v1"
 CASCADE_FILE = "cascade.json"
@@ -61,6 +62,9 @@ class Cascade:
             path = self.folder / st["file"]
             if not path.is_file():
                 raise MessError(f"{path}: missing (listed in {self.folder / CASCADE_FILE})")
+            if "sha256" in st and sha256_file(path) != st["sha256"]:   # exports before the hashes were recorded lack it
+                raise MessError(f"{path}: not the graph {self.folder / CASCADE_FILE} lists (its sha256 differs): the "
+                                f"folder mixes two exports; export the configuration again into it")
             sess = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
             self.sessions.append(sess)
             self.feeds.append([i.name for i in sess.get_inputs()])  # the exporter drops inputs a graph never reads

@@ -17,6 +17,10 @@ POLICY_KINDS = ("mean", "fraction")
 # stats.mean_confidence is exact (independent of summation order, so the cache and the deployed model agree bit
 # for bit) only for fewer classes than this; see its docstring.
 MEAN_EXACT_CLASSES = 256
+# ... and only up to this many pixels per image (H * W): a float64 sum of that many float32 values >= 1/256 holds
+# every bit (53 = 22 + 31), so its order cannot change it.
+MEAN_EXACT_PIXELS = 2 ** 22
+MIN_INPUT_SIZE = 32   # each side; the deepest candidate features of every shipped model stay at least 1x1
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class PolicySpec:
     kind: str = "mean"
     pixel_threshold: float | None = None
     n_bins: int = 20
-    allow_inexact_mean: bool = False   # lifts the MEAN_EXACT_CLASSES limit of the 'mean' policy
+    allow_inexact_mean: bool = False   # lifts the MEAN_EXACT_CLASSES and MEAN_EXACT_PIXELS limits of 'mean'
 
     @property
     def pixel_threshold_bin(self) -> int | None:
@@ -222,7 +226,8 @@ class _DuplicateKey(Exception):
 
 
 def _cross_checks(c: _Checker, space: Space) -> None:
-    """Checks between fields: exits vs positions, the ignore index vs the classes, the mean policy's exactness."""
+    """Checks between fields: exits vs positions, the ignore index vs the classes, the mean policy's exactness
+    (classes and pixels)."""
     n_pos = len(space.positions)
     if space.max_exits > n_pos:
         c.fail("max_exits", space.max_exits, f"an integer from 1 to {n_pos} (the number of candidate positions)")
@@ -233,6 +238,12 @@ def _cross_checks(c: _Checker, space: Space) -> None:
         c.fail("num_classes", space.num_classes,
                f"at most {MEAN_EXACT_CLASSES - 1} with policy kind 'mean' (its mean confidence is exact only below "
                f"{MEAN_EXACT_CLASSES} classes); use policy kind 'fraction', or set policy.allow_inexact_mean: true")
+    h, w = space.input_size
+    if space.policy.kind == "mean" and h * w > MEAN_EXACT_PIXELS and not space.policy.allow_inexact_mean:
+        c.fail("input_size", [h, w],
+               f"at most {MEAN_EXACT_PIXELS} pixels (4 Mpixel; here {h * w}) with policy kind 'mean' (its mean "
+               f"confidence is exact only up to {MEAN_EXACT_PIXELS} pixels and below {MEAN_EXACT_CLASSES} classes); "
+               f"use policy kind 'fraction', or set policy.allow_inexact_mean: true")
 
 
 def space_from_text(text: str, source: str) -> Space:
@@ -259,8 +270,8 @@ def space_from_text(text: str, source: str) -> Space:
     if isinstance(size, int):
         size = [size, size]
     if not isinstance(size, list) or len(size) != 2:
-        c.fail("input_size", raw["input_size"], "[height, width] (or one integer), each >= 32")
-    size = tuple(c.integer("input_size", s, 32) for s in size)
+        c.fail("input_size", raw["input_size"], f"[height, width] (or one integer), each >= {MIN_INPUT_SIZE}")
+    size = tuple(c.integer("input_size", s, MIN_INPUT_SIZE) for s in size)
     available = candidate_positions(model)
     pos = raw.get("positions", "all")
     if pos == "all":

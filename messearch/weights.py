@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .backbones import MODELS, build_torchvision_model
-from .checkpoint import FORMAT
+from .checkpoint import FORMAT, check_payload
 from .errors import MessError
 from .files import load_weights_only, sha256_file
 from .model import MESSNetwork
@@ -141,6 +141,7 @@ def load_init(net: nn.Module, path: str) -> InitReport:
 
 
 def _load_mess(net: nn.Module, payload: dict, path: str) -> InitReport:
+    check_payload(payload, path)
     other = space_from_text(payload["space_text"], f"{path}:space")
     space = net.space
     if (other.model, other.num_classes) != (space.model, space.num_classes):

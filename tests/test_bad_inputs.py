@@ -347,6 +347,87 @@ ROWS += [
 ]
 
 
+def _class_list(name: str, data: bytes):
+    """A folder data set whose class list is not UTF-8 (a Latin-1 file from a Windows tool)."""
+    def setup(env, tmp):
+        (tmp / "d").mkdir()
+        (tmp / "d" / name).write_bytes(data)
+        return {"d": f"folder:{tmp / 'd'}"}
+    return setup
+
+
+def _checkpoint_edit(edit):
+    """A copy of the checkpoint with its dict changed by edit(payload) (a hand-edited or foreign file)."""
+    def setup(env, tmp):
+        payload = torch.load(env["ckpt"], weights_only=True)
+        edit(payload)
+        torch.save(payload, tmp / "x.pt")
+        return {}
+    return setup
+
+
+def _profile_without(key: str):
+    """A real profile of the checkpoint, its metadata field `key` removed."""
+    def setup(env, tmp):
+        import pyarrow.parquet as pq
+
+        from messearch.profile import profile_latency
+
+        profile_latency(env["ckpt"], out=tmp / "cpu.parquet", min_run_time=0.01, progress=False)
+        t = pq.read_table(tmp / "cpu.parquet")
+        pq.write_table(t.replace_schema_metadata({k: v for k, v in t.schema.metadata.items() if k != key.encode()}),
+                       tmp / "cpu.parquet")
+        return {}
+    return setup
+
+
+TRAIN_D = ["train", "--space", "{space}", "--data", "{d}", "--out", "{tmp}/t", "--quiet"]
+NOT_FINITE = "allowed a finite number"
+ROWS += [
+    # --- values that ended in a traceback
+    ("data-classes-txt-latin1", _class_list("classes.txt", b"caf\xe9\nroad\n"), TRAIN_D, 2,
+     "classes.txt: not UTF-8 text (byte 0xe9 at offset 3)"),
+    ("data-classes-yaml-latin1", _class_list("classes.yaml", b"classes: [caf\xe9, road]\n"), TRAIN_D, 2,
+     "classes.yaml: not UTF-8 text (byte 0xe9 at offset 13)"),
+    ("info-input-size-zero", None, ["info", "quickstart", "--input-size", "0", "0", "--no-estimate"], 2,
+     "--input-size 0 0: allowed two integers (height, width), each >= 32"),
+    ("evaluate-threads-negative", None, ["evaluate", "--checkpoint", "{ckpt}", "--data", "{data}", "--threads", "-1"],
+     2, "--threads -1: allowed an integer >= 1"),
+    ("profile-threads-negative", None,
+     ["profile", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.parquet", "--threads", "-1", "--quiet"], 2,
+     "--threads -1: allowed an integer >= 1"),
+    ("checkpoint-without-space-text", _checkpoint_edit(lambda p: p.pop("space_text")),
+     ["cache", "--checkpoint", "{tmp}/x.pt", "--out", "{tmp}/c", "--quiet"], 2,
+     "x.pt: field 'space_text' is missing or not a str"),
+    ("checkpoint-weights-of-another-network", _checkpoint_edit(lambda p: p["state_dict"].popitem()),
+     ["profile", "--checkpoint", "{tmp}/x.pt", "--out", "{tmp}/p.parquet", "--quiet"], 2,
+     "x.pt: its weights do not fit the network of its own space"),
+    ("search-profile-without-positions", _profile_without("positions"),
+     ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--local", "--profile", "{tmp}/cpu.parquet"], 2,
+     "cpu.parquet: metadata field 'positions' missing or malformed"),
+    # --- the mean policy's pixel limit, enforced as its class limit is
+    ("space-mean-beyond-4-mpixel", space_with("input_size: [2048, 4096]"), ["info", "{s}", "--no-estimate"], 2,
+     "field 'input_size': bad value [2048, 4096]; allowed: at most 4194304 pixels (4 Mpixel; here 8388608)"),
+    # --- values accepted silently before
+    ("cache-shard-size-zero", None,
+     ["cache", "--checkpoint", "{ckpt}", "--out", "{tmp}/c", "--shard-size", "0", "--quiet"], 2,
+     "--shard-size 0: allowed an integer >= 1"),
+    ("cache-threads-without-local", None,
+     ["cache", "--checkpoint", "{ckpt}", "--out", "{tmp}/c", "--threads", "2", "--quiet"], 2,
+     "--threads 2: only with --local"),
+    ("query-top-negative", None, ["query", "{front}", "--top", "-1"], 2, "--top -1: allowed an integer >= 1"),
+    ("query-top-zero", None, ["query", "{front}", "--top", "0"], 2, "--top 0: allowed an integer >= 1"),
+    ("search-shards-negative", None, ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--shards", "-2"],
+     2, "--shards -2: allowed an integer >= 1"),
+    ("search-max-gmacs-nan", None,
+     ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--local", "--max-gmacs", "nan"], 2,
+     "--max-gmacs nan: " + NOT_FINITE),
+    ("query-latency-nan", None, ["query", "{front}", "--max-latency-ms", "cpu=nan"], 2,
+     "--max-latency-ms cpu=nan: " + NOT_FINITE),
+    ("query-min-miou-nan", None, ["query", "{front}", "--min-miou", "nan"], 2, "--min-miou nan: " + NOT_FINITE),
+]
+
+
 @pytest.mark.parametrize("name,setup,argv,code,fragment", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input(env, tmp_path, capsys, name, setup, argv, code, fragment):
     values = dict(env, tmp=str(tmp_path))
@@ -435,10 +516,17 @@ def test_lifted_class_limit_and_default_max_exits_are_accepted(tmp_path, capsys)
     space.write_text(BASE.replace("num_classes: 4", "num_classes: 300") + "ignore_index: 1000\n"
                      "policy: {kind: mean, allow_inexact_mean: true}\n")
     assert main(["info", str(space), "--json"]) == 0
-    # no max_exits: the default (3) is capped at the two positions, not refused
-    space.write_text(BASE + "positions: [backbone.layer1.0, backbone.layer2.0]\n")
+    # beyond 4 Mpixel too: the pixel limit is lifted by the same flag
+    space.write_text(BASE.replace("input_size: [64, 64]", "input_size: [2048, 4096]")
+                     + "policy: {kind: mean, allow_inexact_mean: true}\n")
     from messearch.space import load_space
 
+    assert load_space(space).input_size == (2048, 4096)
+    space.write_text(BASE.replace("input_size: [64, 64]", "input_size: [2048, 4096]")
+                     + "policy: {kind: fraction, pixel_threshold: 0.5}\n")   # counts are exact at any size
+    assert load_space(space).policy.kind == "fraction"
+    # no max_exits: the default (3) is capped at the two positions, not refused
+    space.write_text(BASE + "positions: [backbone.layer1.0, backbone.layer2.0]\n")
     assert load_space(space).max_exits == 2
 
 

@@ -19,6 +19,7 @@ import torch
 
 from messearch.cli import main
 from messearch.data import class_names
+from messearch.errors import MessError
 from messearch.dataset import IMAGENET_MEAN, IMAGENET_STD, normalise_image
 from messearch.evaluate import EvaluationResult, evaluate
 from messearch.config import Config
@@ -193,3 +194,36 @@ def test_lraspp_final_head_reads_a_feature_from_an_earlier_graph(tmp_path):
     assert r["exits"].tolist() == ex.tolist() and r["macs"].tolist() == macs.tolist()
     assert {0, 1, 3} <= set(ex.tolist())
     assert np.abs(r["logits"] - logits.numpy()).max() < 1e-3
+
+
+def test_an_interrupted_re_export_leaves_the_previous_cascade_whole(run, tmp_path, monkeypatch):
+    """Configuration A (four graphs), then B (three, another head at the same first position) into the same folder,
+    interrupted after B's first graph: A's set is untouched. A finished B leaves no stage of A behind, and a graph
+    of A put back by hand is refused, not run with B's thresholds."""
+    from messearch import onnx_export
+
+    space = run["space"]
+    cfgs = _configs(run, space.policy)
+    a, b = (export_config(run["net"], space, cfgs[k]) for k in (4, 3))
+    folder = export_onnx(a, tmp_path / "onnx")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert sorted(before) == ["cascade.json", "stage0.onnx", "stage1.onnx", "stage2.onnx", "stage3.onnx"]
+    real, calls = onnx_export._onnx_export, []
+
+    def ctrl_c_after_the_first_graph(*args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(real(*args))
+
+    monkeypatch.setattr(onnx_export, "_onnx_export", ctrl_c_after_the_first_graph)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(b, folder)
+    monkeypatch.undo()
+    assert calls and {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]   # no temporary folder left
+    export_onnx(b, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["cascade.json", "stage0.onnx", "stage1.onnx", "stage2.onnx"]
+    assert Cascade(folder, threads=1).n_exits == 2
+    (folder / "stage0.onnx").write_bytes(before["stage0.onnx"])
+    with pytest.raises(MessError, match=r"stage0.onnx: not the graph .*cascade.json lists \(its sha256 differs\)"):
+        Cascade(folder, threads=1)
