@@ -1,6 +1,6 @@
 """The whole journey on real images: CamVid, thresholds and configurations chosen on val.
 
-CPU (from scratch, about 45 min of training on two cores):
+CPU (from scratch; 12 + 2 epochs took 68 CPU-minutes, the space's 28 + 4 need about 3 CPU-hours):
                 nice -n 10 python benchmarks/camvid_journey.py --space camvid_lraspp_resnet18 --out results/camvid_cpu
 GPU (full):     python benchmarks/camvid_journey.py --space messearch/spaces/camvid_deeplabv3_resnet50.yaml --device cuda --out results/camvid_r50
 

@@ -49,6 +49,29 @@ def _small_resnet_lraspp(depth: int, num_classes: int, aux: bool) -> nn.Module:
     return tvseg.LRASPP(backbone, low_channels=64, high_channels=512, num_classes=num_classes, inter_channels=128)
 
 
+def _dilate(layer: nn.Sequential, dilation: int) -> None:
+    """Drop `layer`'s stride and dilate its 3x3 convs as torchvision's replace_stride_with_dilation does for
+    Bottleneck (the first conv keeps the previous dilation); BasicBlock refuses dilation only when built."""
+    first = layer[0]
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for i, block in enumerate(layer):
+        for conv in (block.conv1, block.conv2):
+            d = dilation // 2 if (i == 0 and conv is block.conv1) else dilation
+            conv.dilation, conv.padding = (d, d), (d, d)
+
+
+def _small_resnet_lraspp_os8(depth: int, num_classes: int, aux: bool) -> nn.Module:
+    """LR-ASPP on ResNet-18/34 at output stride 8: layer3 and layer4 dilated (2 and 4) instead of strided, so
+    every exit from layer2 on reads a stride-8 map, and layer1's stride-4 features are the low-level branch."""
+    r = {18: resnet.resnet18, 34: resnet.resnet34}[depth](weights=None)
+    _dilate(r.layer3, 2)
+    _dilate(r.layer4, 4)
+    backbone = IntermediateLayerGetter(r, return_layers={"layer1": "low", "layer4": "high"})
+    return tvseg.LRASPP(backbone, low_channels=64, high_channels=512, num_classes=num_classes, inter_channels=128)
+
+
 def _torchvision(builder):
     def build(num_classes: int, aux: bool) -> nn.Module:
         return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux)
@@ -73,6 +96,7 @@ MODELS = {
     "fcn_resnet18": lambda nc, aux: _small_resnet_model("fcn", 18, nc, aux),
     "fcn_resnet34": lambda nc, aux: _small_resnet_model("fcn", 34, nc, aux),
     "lraspp_resnet18": lambda nc, aux: _small_resnet_lraspp(18, nc, aux),
+    "lraspp_resnet18_os8": lambda nc, aux: _small_resnet_lraspp_os8(18, nc, aux),
 }
 
 # torchvision's published weights, for the cost check against their recorded GFLOPS (never downloaded).

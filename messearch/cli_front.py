@@ -189,7 +189,8 @@ def _add_pipeline_args(p) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--robust", action=argparse.BooleanOptionalAction, default=None,
                    help="choose the cheapest row whose 90%% lower mIoU bound (and hold-out mIoU) is within 0.5 pp "
-                        "and whose cost holds under a 0.05 confidence shift (default: the plain rule)")
+                        "and whose cost holds under a 0.05 confidence shift (the default; --no-robust: the plain "
+                        "rule, the cheapest row within 0.5 pp)")
     p.add_argument("--holdout", type=float, metavar="F", help="search on a share 1-F of val, check rows on F (search --holdout)")
     p.add_argument("--holdout-by", choices=("image", "group"), default="image", help="as search --holdout-by")
 

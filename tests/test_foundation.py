@@ -58,6 +58,18 @@ def test_segment_costs_sum_to_the_whole_model(model):
     assert all(m >= 0 for m in macs) and final > 0
 
 
+def test_output_stride_8_variant_keeps_layer3_and_layer4_at_stride_8_with_dilated_convs():
+    from messearch.model import feature_shapes
+
+    shapes = feature_shapes("lraspp_resnet18_os8", 5, (96, 96))
+    assert shapes["backbone.layer1.1"][1:] == (24, 24)
+    assert [shapes[f"backbone.layer{k}.1"][1:] for k in (2, 3, 4)] == [(12, 12)] * 3
+    assert feature_shapes("lraspp_resnet18", 5, (96, 96))["backbone.layer4.1"][1:] == (6, 6)
+    r = build_torchvision_model("lraspp_resnet18_os8", 5).backbone
+    # torchvision's dilation rule: the first conv of a dilated layer keeps the previous layer's dilation
+    assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in (*r.layer3, *r.layer4)] == [(1, 2), (2, 2), (2, 4), (4, 4)]
+
+
 @pytest.mark.parametrize("model", sorted(PUBLISHED_WEIGHTS))
 def test_costs_agree_with_torchvision_published_gflops(model):
     # torchvision measured its figures at 520x520 on the published weights, which carry the auxiliary
