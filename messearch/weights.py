@@ -79,8 +79,9 @@ def _names(keys: list[str]) -> str:
 
 
 def backbone_arch(model_name: str) -> str:
-    """The torchvision classifier a segmentation model's backbone is (`deeplabv3_resnet50` -> `resnet50`)."""
-    return model_name.split("_", 1)[1]
+    """The torchvision classifier a segmentation model's backbone is (`deeplabv3_resnet50` -> `resnet50`; a dilated
+    `_os8` variant has the same weights as its plain backbone)."""
+    return model_name.split("_", 1)[1].removesuffix("_os8")
 
 
 def last_layer_keys(model_name: str) -> list[str]:
