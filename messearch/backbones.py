@@ -28,8 +28,7 @@ def _small_resnet_model(kind: str, depth: int, num_classes: int, aux: bool) -> n
     """DeepLabV3 / FCN on ResNet-18/34. BasicBlock cannot be dilated, so layer4 keeps its resolution by
     dropping its stride instead: output stride 16, no dilation, and ASPP rates (6, 12, 18) to match."""
     r = {18: resnet.resnet18, 34: resnet.resnet34}[depth](weights=None)
-    r.layer4[0].conv1.stride = (1, 1)
-    r.layer4[0].downsample[0].stride = (1, 1)
+    _drop_stride(r.layer4)
     layers = {"layer4": "out", "layer3": "aux"} if aux else {"layer4": "out"}
     backbone = IntermediateLayerGetter(r, return_layers=layers)
     aux_head = FCNHead(256, num_classes) if aux else None
@@ -38,38 +37,37 @@ def _small_resnet_model(kind: str, depth: int, num_classes: int, aux: bool) -> n
     return tvseg.FCN(backbone, FCNHead(512, num_classes), aux_head)
 
 
-def _small_resnet_lraspp(depth: int, num_classes: int, aux: bool) -> nn.Module:
+def _small_resnet_lraspp(depth: int, num_classes: int, aux: bool, output_stride: int = 16) -> nn.Module:
     """LR-ASPP (torchvision's LRASPP) on ResNet-18/34: layer4 at output stride 16 as above, plus layer1's
     stride-4 features as the low-level branch, so the final head keeps object boundaries that an 8x8 map
-    at 128x128 loses. LR-ASPP has no auxiliary classifier; `aux` is ignored, as for the MobileNet variant."""
+    at 128x128 loses. output_stride 8: layer3 and layer4 dilated (2 and 4) instead of strided, so every exit
+    from layer2 on reads a stride-8 map. LR-ASPP has no auxiliary classifier; `aux` is ignored, as for the
+    MobileNet variant."""
     r = {18: resnet.resnet18, 34: resnet.resnet34}[depth](weights=None)
-    r.layer4[0].conv1.stride = (1, 1)
-    r.layer4[0].downsample[0].stride = (1, 1)
+    if output_stride == 8:
+        _dilate(r.layer3, 2)
+        _dilate(r.layer4, 4)
+    else:
+        _drop_stride(r.layer4)
     backbone = IntermediateLayerGetter(r, return_layers={"layer1": "low", "layer4": "high"})
     return tvseg.LRASPP(backbone, low_channels=64, high_channels=512, num_classes=num_classes, inter_channels=128)
+
+
+def _drop_stride(layer: nn.Sequential) -> None:
+    """`layer` keeps its input's resolution: its first block's conv and shortcut no longer stride."""
+    layer[0].conv1.stride = (1, 1)
+    if layer[0].downsample is not None:
+        layer[0].downsample[0].stride = (1, 1)
 
 
 def _dilate(layer: nn.Sequential, dilation: int) -> None:
     """Drop `layer`'s stride and dilate its 3x3 convs as torchvision's replace_stride_with_dilation does for
     Bottleneck (the first conv keeps the previous dilation); BasicBlock refuses dilation only when built."""
-    first = layer[0]
-    first.conv1.stride = (1, 1)
-    if first.downsample is not None:
-        first.downsample[0].stride = (1, 1)
+    _drop_stride(layer)
     for i, block in enumerate(layer):
         for conv in (block.conv1, block.conv2):
             d = dilation // 2 if (i == 0 and conv is block.conv1) else dilation
             conv.dilation, conv.padding = (d, d), (d, d)
-
-
-def _small_resnet_lraspp_os8(depth: int, num_classes: int, aux: bool) -> nn.Module:
-    """LR-ASPP on ResNet-18/34 at output stride 8: layer3 and layer4 dilated (2 and 4) instead of strided, so
-    every exit from layer2 on reads a stride-8 map, and layer1's stride-4 features are the low-level branch."""
-    r = {18: resnet.resnet18, 34: resnet.resnet34}[depth](weights=None)
-    _dilate(r.layer3, 2)
-    _dilate(r.layer4, 4)
-    backbone = IntermediateLayerGetter(r, return_layers={"layer1": "low", "layer4": "high"})
-    return tvseg.LRASPP(backbone, low_channels=64, high_channels=512, num_classes=num_classes, inter_channels=128)
 
 
 def _torchvision(builder):
@@ -96,7 +94,7 @@ MODELS = {
     "fcn_resnet18": lambda nc, aux: _small_resnet_model("fcn", 18, nc, aux),
     "fcn_resnet34": lambda nc, aux: _small_resnet_model("fcn", 34, nc, aux),
     "lraspp_resnet18": lambda nc, aux: _small_resnet_lraspp(18, nc, aux),
-    "lraspp_resnet18_os8": lambda nc, aux: _small_resnet_lraspp_os8(18, nc, aux),
+    "lraspp_resnet18_os8": lambda nc, aux: _small_resnet_lraspp(18, nc, aux, output_stride=8),
 }
 
 # torchvision's published weights, for the cost check against their recorded GFLOPS (never downloaded).

@@ -8,7 +8,6 @@ This module imports neither torch nor Ray: the search runs wherever numpy and py
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .errors import MessError
-from .files import sha256_file
+from .files import sha256_file, sha256_text
 
 FORMAT = "messearch/cache-v1"
 
@@ -172,7 +171,7 @@ IDENTITY_FIELDS = ("format", "checkpoint_sha256", "space_text", "data", "split",
 def cache_sha256(m: Manifest) -> str:
     """The cache's hash: of its identity fields (IDENTITY_FIELDS, canonical JSON) and its shards' hashes, in order."""
     identity = json.dumps({k: getattr(m, k) for k in IDENTITY_FIELDS}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256((identity + "".join(s["sha256"] for s in m.shards)).encode()).hexdigest()
+    return sha256_text(identity + "".join(s["sha256"] for s in m.shards))
 
 
 def check_consistent(m: Manifest, where) -> None:

@@ -31,11 +31,17 @@ BASE_COLUMNS = ["config_id", "kind", "n_exits", "positions", "heads", "threshold
 
 # ------------------------------------------------------------------------------------------- constraints
 
+def latency_budget(max_latency_ms) -> dict:
+    """A latency budget as {device: ms}, from None, (device, ms) or {device: ms}."""
+    if not max_latency_ms:
+        return {}
+    return dict(max_latency_ms) if isinstance(max_latency_ms, dict) else dict([tuple(max_latency_ms)])
+
+
 def check_constraints(max_gmacs=None, max_latency_ms=None, min_miou=None, max_miou_drop_pp=None) -> None:
     """MessError naming the first constraint that is not a finite number (NaN would silently drop every row)."""
     given = [("--max-gmacs", max_gmacs), ("--min-miou", min_miou), ("--max-miou-drop-pp", max_miou_drop_pp)]
-    budget = max_latency_ms if isinstance(max_latency_ms, dict) else dict([max_latency_ms] if max_latency_ms else [])
-    given += [(f"--max-latency-ms {dev}=", ms) for dev, ms in budget.items()]
+    given += [(f"--max-latency-ms {dev}=", ms) for dev, ms in latency_budget(max_latency_ms).items()]
     for flag, value in given:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not np.isfinite(value)):
@@ -255,9 +261,7 @@ def filter_front(df: pd.DataFrame, max_gmacs=None, max_latency_ms=None, min_miou
                  include_reference: bool = False) -> pd.DataFrame:
     """Rows meeting every given constraint; max_latency_ms is (device, ms) or {device: ms}."""
     check_constraints(max_gmacs, max_latency_ms, min_miou, max_miou_drop_pp)
-    budget = {}
-    if max_latency_ms is not None:
-        budget = dict(max_latency_ms) if isinstance(max_latency_ms, dict) else dict([tuple(max_latency_ms)])
+    budget = latency_budget(max_latency_ms)
     latency = {device: df[_latency_column(df, device)] for device in budget}
     ok = meets(df["miou"], df["mean_gmacs"], df["miou_delta_pp"], latency, max_gmacs, budget, min_miou, max_miou_drop_pp)
     if not include_reference:

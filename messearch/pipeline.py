@@ -5,7 +5,6 @@ each stage skipped when its output is complete and made from this run's inputs, 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 import time
@@ -21,7 +20,7 @@ from .errors import MessError
 from .evaluate import evaluate
 from .exit_quality import single_exit_miou, structure_report
 from .export import export_model, load_exported
-from .files import atomic_write_text, sha256_file
+from .files import atomic_write_text, sha256_file, sha256_text
 from .front import latency_devices_of, read_front
 from .plot import plot_front
 from .profile import profile_latency, read_profile
@@ -53,10 +52,6 @@ def _front_is_current(path: Path, ckpt_sha: str, cache_sha: str, space_text: str
     return (meta.get("checkpoint_sha256") == ckpt_sha and meta.get("cache_sha256") == cache_sha
             and meta.get("space_text") == space_text
             and ([held.get("fraction"), held.get("by"), held.get("seed")] if isinstance(held, dict) else None) == asked)
-
-
-def _text_sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _cache_stage(ckpt: Path, ckpt_sha: str, data: str, cache_dir: Path, address: str | None):
@@ -145,15 +140,15 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     else:
         _say(f"profile: latency of every segment and head on this {dev_name}")
         profile_latency(ckpt, device=device, out=profile_path)
-    write_record(out, "profile", {"checkpoint_sha256": ckpt_sha, "device": device,
-                                  "profile_sha256": sha256_file(profile_path)})
+    profile_sha = sha256_file(profile_path)
+    write_record(out, "profile", {"checkpoint_sha256": ckpt_sha, "device": device, "profile_sha256": profile_sha})
     timings["profile"] = time.perf_counter() - t
 
     front_path = out / "pareto.parquet"
     t = time.perf_counter()
     opts = search_opts or SearchOptions()
     search_inputs = {"checkpoint_sha256": ckpt_sha, "cache_sha256": cache_sha,
-                     "profile_sha256": sha256_file(profile_path), "space_sha256": _text_sha(space.text),
+                     "profile_sha256": profile_sha, "space_sha256": sha256_text(space.text),
                      "holdout": None if opts.holdout is None else [opts.holdout, opts.holdout_by, opts.seed]}
     if _front_is_current(front_path, ckpt_sha, cache_sha, space.text, opts, read_record(out).get("search"),
                          search_inputs):

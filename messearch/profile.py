@@ -108,6 +108,7 @@ def read_profile(path) -> tuple[dict, "object"]:
 def load_profile(path) -> tuple[str, CostTable]:
     """The device name and latency CostTable (unit 'ms' per call at the profile's batch size) of a profile file."""
     meta, df = read_profile(path)
+    fields = {}
     for key in ("positions", "heads", "device_name"):
         try:
             value = json.loads(meta[key]) if key != "device_name" else meta[key]
@@ -116,7 +117,8 @@ def load_profile(path) -> tuple[str, CostTable]:
         if not isinstance(value, list if key != "device_name" else str):
             raise MessError(f"{path}: metadata field {key!r} missing or malformed; allowed: what `messearch profile` "
                             f"writes (profile again)")
-    positions, heads, name = json.loads(meta["positions"]), json.loads(meta["heads"]), meta["device_name"]
+        fields[key] = value
+    positions, heads, name = fields["positions"], fields["heads"], fields["device_name"]
     seg = df[df.kind == "segment"].sort_values("index")["ms"].to_numpy(np.float64)
     if len(seg) < len(positions) or (df.kind == "final").sum() != 1:
         raise MessError(f"{path}: incomplete profile (needs {len(positions)}+ segments and one final head)")

@@ -6,7 +6,6 @@ The evaluator is `search`; merging the shards' candidates into the front and wri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -25,6 +24,7 @@ import pyarrow.dataset as ds
 from .cache_format import CacheArrays, load_cache
 from .costs import mac_table
 from .errors import MessError
+from .files import sha256_text
 from .front import finish_front, rows_to_frame, write_front
 from . import search_size
 from .profile import load_profile
@@ -153,7 +153,7 @@ def _read_plan(key_file: Path) -> dict:
 
 def _plan_key(spec: SearchSpec, n_shards: int, cache: CacheArrays) -> str:
     text = repr((spec, n_shards, cache.n_images, cache.image_ids[:3], cache.image_ids[-3:]))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256_text(text)
 
 
 def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shards: int | None = None,

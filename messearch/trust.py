@@ -9,7 +9,6 @@ figure is the same sums weighted by it (exact integers in float64, all resamples
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pandas as pd
 from . import stats
 from .cache_format import CacheArrays
 from .errors import MessError
+from .files import sha256_text
 from .search import SearchSpec, exit_confidence, prepare
 
 BOOTSTRAP_RESAMPLES = 200
@@ -43,7 +43,7 @@ def image_group(image_id: str) -> str:
 
 
 def _rank(key: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+    return sha256_text(f"{seed}:{key}")
 
 
 def holdout_mask(image_ids: list[str], fraction: float, by: str = "image", seed: int = 0) -> np.ndarray:
@@ -90,7 +90,7 @@ def split_cache(cache: CacheArrays, fraction: float, by: str = "image", seed: in
     meta = {"holdout": json.dumps({"fraction": fraction, "by": by, "seed": seed, "n_search": int((~check).sum()),
                                    "n_check": int(check.sum()),
                                    "check_groups": sorted({image_group(i) for i in ids}) if by == "group" else [],
-                                   "check_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()})}
+                                   "check_ids_sha256": sha256_text("\n".join(ids))})}
     return subset(cache, np.flatnonzero(~check)), subset(cache, np.flatnonzero(check)), meta
 
 
