@@ -18,14 +18,21 @@ one JSON line to stdout. Every run resumes: a rerun skips what is complete.
 
     python benchmarks/train_ablation.py [--space quickstart] [--epochs E] [--stage2-epochs S] [--seeds 0,1,2]
         [--data SPEC] [--out results/ablation] [--max-steps N] [--device cpu] [--distill-variants "T=1,w=0.25"]
+        [--local] [--procs N] [--design NAME | --design pick:SUMMARY.json]
+
+--local caches in process on --device (no Ray: a GPU machine without Ray); --procs runs seeds in parallel
+processes; --design applies a candidate design of benchmarks/quickstart_design.py (scenes, model, recipe) to the
+quickstart space, or the one that run picked.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
+import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -96,20 +103,61 @@ def train_runs(space, data, out: Path, kw: dict, seconds: dict, variants=(), see
     return runs
 
 
-def measure(ckpt: Path, data, tol_pp: float = 0.5) -> dict:
+def measure(ckpt: Path, data, tol_pp: float = 0.5, local: bool = False, device: str | None = None) -> dict:
     """Cache the val split for one checkpoint, search it, and return the run's figures."""
     cache_dir = ckpt.parent / "cache"
     try:
         cache = load_cache(cache_dir)
     except MessError:
-        build_cache(ckpt, data, "val", cache_dir, resume=(cache_dir / "manifest.json").exists(), progress=False)
+        build_cache(ckpt, data, "val", cache_dir, resume=(cache_dir / "manifest.json").exists(), progress=False,
+                    local=local, device=device if local else None)
         cache = load_cache(cache_dir)
-    front = search_to_front(cache_dir, ckpt.parent / "pareto.parquet", SearchOptions(local=True))
+    front = search_to_front(cache_dir, ckpt.parent / "pareto.parquet", SearchOptions(local=True, bootstrap=0))
     miou = single_exit_miou(cache)
     exits = [v for k, v in miou.items() if k != "final"]
     return {"final": miou["final"], "mean_exit": float(np.mean(exits)),
             **{f"mean_{s}": v for s, v in stage_means(miou).items()},
             "speedup_0.5pp": speedup_at_equal_accuracy(front, tol_pp), "hypervolume": hypervolume(front, 0.0)}
+
+
+def apply_design(design: str | None, space):
+    """The space with a quickstart_design variant's model/recipe overrides, and that variant's scenes made the
+    synthetic default in this process; `pick:PATH` takes the variant that run picked. None: unchanged."""
+    if not design:
+        return space
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quickstart_design import VARIANTS  # noqa: PLC0415 - a sibling benchmark's candidate table
+
+    from messearch import data_synthetic
+
+    if design.startswith("pick:"):
+        design = json.loads(Path(design[5:]).read_text())["pick"]
+    scene, space_kw, train_kw = VARIANTS[design]
+    data_synthetic.DESIGN = dataclasses.replace(
+        data_synthetic.SceneDesign(), **{k: tuple(v) if isinstance(v, list) else v for k, v in scene.items()})
+    raw = yaml.safe_load(space.text)
+    raw.update(space_kw)
+    raw.setdefault("train", {}).update(train_kw)
+    return space_from_text(yaml.safe_dump(raw, sort_keys=False), f"{space.source} [design {design}]")
+
+
+def seed_rows(args, seed: int, e: int, s: int) -> tuple[list[dict], dict, dict]:
+    """Train and measure every scheme of one seed: (rows, final-mIoU curves, training seconds)."""
+    base = apply_design(args.design, load_space(args.space))
+    data = args.data or base.data
+    variants = [v for v in args.distill_variants.split(",") if v]
+    out = Path(args.out)
+    kw = dict(device=args.device, progress=False, max_steps=args.max_steps)
+    seconds: dict[str, float] = {}
+    rows, curves = [], {}
+    space = space_with(base, seed, e, s)
+    ckpts = train_runs(space, data, out / f"seed{seed}", kw, seconds, variants, seed, e, s)
+    for scheme in SCHEMES + tuple(f"two-stage[{v}]" for v in variants):
+        print(f"[ablation] seed {seed} {scheme}: cache and search", file=sys.stderr, flush=True)
+        rows.append({"scheme": scheme, "seed": seed, **measure(ckpts[scheme], data, local=args.local, device=args.device)})
+    for name in ("stage1", "no-stage1", "joint"):
+        curves[name] = _curve(out / f"seed{seed}" / name)
+    return rows, curves, seconds
 
 
 def _fmt(values: list[float], scale: float, digits: int) -> str:
@@ -130,26 +178,31 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="at most this many steps per epoch (smoke runs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--distill-variants", default="", help="comma-separated, e.g. 'T=1,w=0.25,T=4;w=0.5'")
+    ap.add_argument("--local", action="store_true", help="cache in this process on --device (no Ray)")
+    ap.add_argument("--procs", type=int, default=1, help="seeds trained at once, one process each")
+    ap.add_argument("--design", default=None, help="a benchmarks/quickstart_design.py variant, or pick:SUMMARY.json")
     args = ap.parse_args()
     variants = [v for v in args.distill_variants.split(",") if v]
     schemes = SCHEMES + tuple(f"two-stage[{v}]" for v in variants)
-    base = load_space(args.space)
+    base = apply_design(args.design, load_space(args.space))
     e = args.epochs or base.train.epochs_stage1
     s = args.stage2_epochs or base.train.epochs_stage2
     seeds = [int(x) for x in args.seeds.split(",")]
     data = args.data or base.data
     out = Path(args.out)
-    kw = dict(device=args.device, progress=False, max_steps=args.max_steps)
     seconds: dict[str, float] = {}
     rows, curves = [], {}
-    for seed in seeds:
-        space = space_with(base, seed, e, s)
-        ckpts = train_runs(space, data, out / f"seed{seed}", kw, seconds, variants, seed, e, s)
-        for scheme in schemes:
-            print(f"[ablation] seed {seed} {scheme}: cache and search", file=sys.stderr, flush=True)
-            rows.append({"scheme": scheme, "seed": seed, **measure(ckpts[scheme], data)})
-        for name in ("stage1", "no-stage1", "joint"):
-            curves.setdefault(name, []).append(_curve(out / f"seed{seed}" / name))
+    if args.procs > 1:
+        with mp.get_context("spawn").Pool(min(args.procs, len(seeds))) as pool:
+            parts = pool.starmap(seed_rows, [(args, seed, e, s) for seed in seeds])
+    else:
+        parts = [seed_rows(args, seed, e, s) for seed in seeds]
+    for r, c, sec in parts:
+        rows += r
+        for name, curve in c.items():
+            curves.setdefault(name, []).append(curve)
+        for name, v in sec.items():
+            seconds[name] = round(seconds.get(name, 0.0) + v, 1)
     keys = [k for k in rows[0] if k not in ("scheme", "seed")]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["scheme", "seed"] + keys, lineterminator="\n")
@@ -172,7 +225,8 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "ablation.md", table)
     print(table, file=sys.stderr)
-    print(json.dumps({"benchmark": "train_ablation", "space": base.name, "data": data, "E": e, "S": s, "seeds": seeds,
+    print(json.dumps({"benchmark": "train_ablation", "space": base.name, "design": args.design, "device": args.device,
+                      "data": data, "E": e, "S": s, "seeds": seeds,
                       "max_steps": args.max_steps, "hypervolume_reference": {"mac_saving": 0.0, "miou": 0.0},
                       "csv": str(out / "ablation.csv"), "summary": summary, "final_miou_curves": curves,
                       "train_seconds": seconds}))

@@ -37,7 +37,7 @@ from __future__ import annotations
 import colorsys
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -63,6 +63,33 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 _R2, _R3 = math.sqrt(0.5), math.sqrt(3.0) / 2.0
 _COS_SIN = {0: (1.0, 0.0), 45: (_R2, _R2), 90: (0.0, 1.0), 135: (-_R2, _R2)}
 _TRIANGLE_NORMALS = ((0.0, 1.0), (-_R3, -0.5), (_R3, -0.5))
+
+
+@dataclass(frozen=True)
+class SceneDesign:
+    """How hardness h in [0, 1] maps to what a scene holds (see the module docstring); one frozen default, DESIGN.
+    A ramp (a, b) is 0 up to h = a and rises linearly to 1 at h = b."""
+
+    radius: tuple[float, float] = (0.2, 0.3)       # object radius, as a fraction of the image side
+    colour_kept_until: float = 0.8                  # objects in their class hue up to this h (1/3 of them at h = 1)
+    texture_kept_until: float = 0.55                # objects carry their class's texture up to this h
+    field_weight: float = 0.6                       # background blended this far towards a field in class hues
+    camo_block: float = 1 / 6                       # camouflage block, as a fraction of the image side
+    camo_sigma: float = 0.25                        # camouflage colour offset at full strength
+    camo_ramp: tuple[float, float] = (1 / 3, 1.0)
+    cast_sigma: float = 0.0                         # one colour cast over the whole image, at full strength
+    cast_ramp: tuple[float, float] = (1 / 3, 2 / 3)
+    noise: float = 0.15                             # Gaussian pixel noise sigma at h = 1 (grows as h**1.5)
+
+
+DESIGN = SceneDesign()
+
+
+def _ramp(h: float, ab: tuple[float, float]) -> float:
+    a, b = ab
+    return float(np.clip((h - a) / max(b - a, 1e-9), 0.0, 1.0))
+
+
 _GRAMMAR = "synthetic[:SEED[:N[:MIX]]] or synthetic:key=value,... with keys seed, n, train, val, test, mix, classes"
 
 
@@ -241,8 +268,10 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, a: float, b: float) ->
 
 
 def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_classes: int = DEFAULT_CLASSES,
-                 mix=(1 / 3, 1 / 3, 1 / 3)) -> tuple[np.ndarray, np.ndarray, int, float]:
+                 mix=(1 / 3, 1 / 3, 1 / 3), design: SceneDesign | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, int, float]:
     """Render image `index` of `split`: (uint8 HxWx3 image, uint8 HxW mask, level, hardness)."""
+    d = DESIGN if design is None else design
     H, W = size
     level = image_level(seed, index, mix)
     rng = _image_rng(seed, split, index)
@@ -256,7 +285,7 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
     grey = np.float32(rng.uniform(0.42, 0.58))
     # Channel-first while rendering: numpy broadcasts a [3, 1, 1] colour far faster than a trailing 3.
     img = np.full((3, H, W), grey, dtype=np.float32)
-    w_field = 0.6 * float(np.clip((h - 1 / 3) / 0.5, 0.0, 1.0))  # 0 for every easy scene
+    w_field = d.field_weight * _ramp(h, (1 / 3, 5 / 6))  # 0 for every easy scene
     ca, cb = colours[rng.integers(1, num_classes, size=2)][:, :, None, None]
     fx, fy = rng.uniform(0.5, 2.0, size=2) / S
     ph = rng.uniform(0, 1, size=2)
@@ -270,15 +299,15 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
     # Objects, painted back to front (later ones occlude earlier ones).
     n_obj = int(rng.integers(round(2 + h), round(3 + 2 * h) + 1))
     # Colour names the class on every easy and medium scene; on hard scenes more and more often not.
-    p_class_colour = float(np.clip((1.1 - h) / 0.3, 0.0, 1.0))
+    p_class_colour = 1.0 - _ramp(h, (d.colour_kept_until, d.colour_kept_until + 0.3))
     # Texture names the class up to h = 0.55; beyond, it is more and more often another class's texture
     # (a distractor), so on hard scenes only the object's shape, seen whole, tells its class.
-    p_class_texture = float(np.clip((0.85 - h) / 0.3, 0.0, 1.0))
+    p_class_texture = 1.0 - _ramp(h, (d.texture_kept_until, d.texture_kept_until + 0.3))
     amp = 0.3 + 0.7 * h
     placed: list[tuple[float, float, float]] = []
     for _ in range(n_obj):
         cls = int(rng.integers(1, num_classes))
-        r = S * float(rng.uniform(0.2, 0.3)) * (1.0 - 0.2 * h)
+        r = S * float(rng.uniform(*d.radius)) * (1.0 - 0.2 * h)
         b = r * float(rng.uniform(0.7, 1.0))
         rx, ry = (float(t) for t in rng.standard_normal(2))
         norm = math.sqrt(rx * rx + ry * ry) or 1.0
@@ -317,14 +346,17 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
 
     # Camouflage: a colour offset per block of about S/8 pixels (0 on easy scenes, growing with h), so that a
     # small neighbourhood's colour misleads and only a view of the whole object (a deep feature) averages it out.
-    sigma_c = 0.25 * float(np.clip((h - 1 / 3) / (2 / 3), 0.0, 1.0))
+    sigma_c = d.camo_sigma * _ramp(h, d.camo_ramp)
     if sigma_c > 0:
-        blk = max(2, round(S / 6))
+        blk = max(2, round(S * d.camo_block))
         gh, gw = H // blk + 2, W // blk + 2
         lo = rng.standard_normal((3, gh, gw), dtype=np.float32) * np.float32(sigma_c)
         oy, ox = (int(v) for v in rng.integers(0, blk, size=2))
         img += np.repeat(np.repeat(lo, blk, axis=1), blk, axis=2)[:, oy:oy + H, ox:ox + W]
-    sigma = 0.15 * h * math.sqrt(h)
+    sigma_cast = d.cast_sigma * _ramp(h, d.cast_ramp)
+    if sigma_cast > 0:  # one offset for the whole image: only a view that includes the background undoes it
+        img += (rng.standard_normal(3) * sigma_cast).astype(np.float32)[:, None, None]
+    sigma = d.noise * h * math.sqrt(h)
     if sigma > 0:
         img += rng.standard_normal((3, H, W), dtype=np.float32) * np.float32(sigma)
     img *= 255.0
