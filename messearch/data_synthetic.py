@@ -26,8 +26,8 @@ What h controls (easy h -> 0, hard h -> 1):
   its class's texture, beyond that more and more often another class's (a distractor; h >= 0.85 always);
   texture contrast grows with h;
 - background: plain grey (every easy scene) ... blended (up to 60%) with a smooth two-colour field in class hues;
-- camouflage: a random colour offset per block of about S/6 pixels (sigma 0 on easy scenes, up to 0.25 when
-  h = 1), so that a small neighbourhood's colour misleads and only a view of the whole object averages it out;
+- camouflage: a random colour offset per block of about S/4 pixels (20 at the quickstart's 80x80; sigma 0 on
+  easy scenes, up to 0.25 when h = 1), so that a small neighbourhood's colour misleads and only a view of the whole object averages it out;
 - Gaussian pixel noise with sigma 0.15 * h**1.5 (below 0.03 for easy scenes).
 So colour solves easy scenes with a shallow feature; hard scenes need a large receptive field (depth).
 """
@@ -74,7 +74,7 @@ class SceneDesign:
     colour_kept_until: float = 0.8                  # objects in their class hue up to this h (1/3 of them at h = 1)
     texture_kept_until: float = 0.55                # objects carry their class's texture up to this h
     field_weight: float = 0.6                       # background blended this far towards a field in class hues
-    camo_block: float = 1 / 6                       # camouflage block, as a fraction of the image side
+    camo_block: float = 1 / 4                       # camouflage block, as a fraction of the image side
     camo_sigma: float = 0.25                        # camouflage colour offset at full strength
     camo_ramp: tuple[float, float] = (1 / 3, 1.0)
     cast_sigma: float = 0.0                         # one colour cast over the whole image, at full strength
@@ -344,7 +344,7 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
         img[:, y0:y1, x0:x1] = np.where(inside, paint, img[:, y0:y1, x0:x1])
         mask[y0:y1, x0:x1][inside] = cls
 
-    # Camouflage: a colour offset per block of about S/8 pixels (0 on easy scenes, growing with h), so that a
+    # Camouflage: a colour offset per block of about S/4 pixels (0 on easy scenes, growing with h), so that a
     # small neighbourhood's colour misleads and only a view of the whole object (a deep feature) averages it out.
     sigma_c = d.camo_sigma * _ramp(h, d.camo_ramp)
     if sigma_c > 0:

@@ -14,14 +14,14 @@ from messearch.train import train
 
 
 def _small_quickstart() -> object:
-    # The quickstart's model, scenes and recipe at 64x64, four positions (one per stage) and one head variant.
+    # The quickstart's model, scenes and recipe at 48x48, four positions (one per stage) and one head variant.
     raw = yaml.safe_load(load_space(QUICKSTART_SPACE).text)
-    raw["input_size"] = [64, 64]
+    raw["input_size"] = [48, 48]
     raw["positions"] = ["backbone.layer1.0", "backbone.layer2.1", "backbone.layer3.1", "backbone.layer4.1"]
     raw["heads"] = raw["heads"][1:2]
-    raw["data"] = "synthetic:seed=0,train=128,val=48"
-    raw["train"].update({"train_images": 128, "val_images": 48, "epochs_stage1": 6, "epochs_stage2": 1})
-    return space_from_text(yaml.safe_dump(raw), "quickstart.yaml at 64x64")
+    raw["data"] = "synthetic:seed=0,train=96,val=48"
+    raw["train"].update({"train_images": 96, "val_images": 48, "epochs_stage1": 5, "epochs_stage2": 1})
+    return space_from_text(yaml.safe_dump(raw), "quickstart.yaml at 48x48")
 
 
 def test_final_head_beats_every_exit_and_the_shallowest_is_clearly_below(tmp_path):
