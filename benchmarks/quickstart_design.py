@@ -126,8 +126,8 @@ def run_job(variant: str, seed: int, device: str, out: str, smoke: bool) -> dict
                                 "stage_means": stage_means(m)}
         rows = list(csv.DictReader((run / "train_log.csv").open()))
         ref = front[front["is_reference"]].iloc[0]
-        return {"variant": variant, "seed": seed, "final": rep["final"], "gap_shallowest_pp":
-                100 * (rep["final"] - rep["best_shallowest"]), "best_before_last": rep["best_before_last_stage"],
+        return {"variant": variant, "seed": seed, "final": rep["final"], "best_shallowest_exit": rep["best_shallowest"],
+                "gap_shallowest_pp": 100 * (rep["final"] - rep["best_shallowest"]), "best_before_last": rep["best_before_last_stage"],
                 "best_exit": rep["best_exit"], "stage_means": rep["stage_means"], "rise": rep["stage_means_rise"],
                 "speedup": speedup_at_equal_accuracy(front, 0.5), "levels": levels, "gmacs": float(ref["mean_gmacs"]),
                 "curve": [round(float(r["miou:final"]), 4) for r in rows if r["stage"] != "2"],

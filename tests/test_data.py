@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from messearch.data import build_dataset, check_dataset, parse_spec
-from messearch.data_synthetic import LEVELS, class_colours, render_scene
+from messearch.data_synthetic import LEVELS, SceneDesign, class_colours, render_scene
 from messearch.errors import DataError
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
@@ -190,6 +190,24 @@ def test_difficulty_is_what_the_generator_draws():
     assert easy["colour"] > 0.95 and hard["colour"] < 0.6 and hard["colour"] < medium["colour"] < easy["colour"]
     assert easy["background_std"] < 0.03 < 0.1 < hard["background_std"]
     assert easy["classes"] < medium["classes"] < hard["classes"]
+
+
+def test_a_scene_design_changes_only_what_it_names():
+    """A colour cast over medium and hard scenes (its ramp starts at h = 1/3) leaves easy scenes' bytes and every
+    mask as they were, and changes the pixels of the scenes it casts."""
+    cast = SceneDesign(cast_sigma=0.3, cast_ramp=(1 / 3, 1 / 2))
+    for level, mix in (("easy", (1, 0, 0)), ("medium", (0, 1, 0)), ("hard", (0, 0, 1))):
+        for i in range(4):
+            img, mask, _, h = render_scene(5, "train", i, (40, 40), 5, mix)
+            img2, mask2, _, h2 = render_scene(5, "train", i, (40, 40), 5, mix, design=cast)
+            assert h == h2 and np.array_equal(mask, mask2)
+            if level == "easy":
+                assert np.array_equal(img, img2)
+            else:
+                assert not np.array_equal(img, img2)
+    from messearch import data_synthetic
+
+    assert data_synthetic.DESIGN == SceneDesign()   # rendering reads the module's DESIGN, the dataclass's defaults
 
 
 # --- on-disk formats -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from messearch.cache import build_cache
 from messearch.cache_format import load_cache
@@ -181,3 +182,26 @@ def test_gpu_suite_smoke_runs_every_phase_without_ray(tmp_path):
     assert f["best_speedup_within_0.5pp"]["exact"], f["best_speedup_within_0.5pp"]
     assert f["latency_ms"]["chosen_measured"] > 0 and f["latency_ms"]["original_measured"] > 0
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ray_imported"] is False
+
+
+def test_quickstart_design_smoke_judges_each_design_without_ray(tmp_path):
+    """benchmarks/quickstart_design.py --smoke: two candidate designs trained, cached and searched in process, where
+    ray is absent; a design's scenes reach its jobs (the colour cast changes what the model sees, so its figures)."""
+    out = tmp_path / "design"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quickstart_design.py"), "--smoke", "--device", "cpu",
+           "--variants", "shipped,cast_fast", "--seeds", "0", "--out", str(out)]
+    env = _no_ray_env(tmp_path)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [json.loads(x) for x in (out / "jobs.jsonl").read_text().splitlines()]
+    assert [(j["variant"], j["seed"]) for j in jobs] == [("shipped", 0), ("cast_fast", 0)]
+    assert all("error" not in j for j in jobs), jobs
+    for j in jobs:
+        assert 0 <= j["final"] <= 1 and j["speedup"] >= 1 and set(j["levels"]) <= {"easy", "medium", "hard"}
+        assert j["gap_shallowest_pp"] == pytest.approx(100 * (j["final"] - j["best_shallowest_exit"]))
+    assert jobs[0]["final"] != jobs[1]["final"]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])["summary"]
+    assert summary["pick"] == "cast_fast" and summary["shipped"]["seeds"] == 1   # the pick never is the shipped recipe
+    # A rerun skips finished jobs.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and len((out / "jobs.jsonl").read_text().splitlines()) == 2
