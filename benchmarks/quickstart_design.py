@@ -58,6 +58,16 @@ SMOKE = {"space": {"input_size": [32, 32], "positions": ["backbone.layer1.0", "b
          "data": "synthetic:seed=0,train=8,val=8"}
 
 
+def use_scenes(variant: str) -> None:
+    """Make the variant's scene design the synthetic data's default in this process (workers render with it)."""
+    import dataclasses
+
+    from messearch import data_synthetic
+
+    scene = {k: tuple(v) if isinstance(v, list) else v for k, v in VARIANTS[variant][0].items()}
+    data_synthetic.DESIGN = dataclasses.replace(data_synthetic.SceneDesign(), **scene)
+
+
 def _space(variant: str, seed: int, smoke: bool):
     import yaml
 
@@ -88,16 +98,10 @@ def _levels(space, cache):
 
 def run_job(variant: str, seed: int, device: str, out: str, smoke: bool) -> dict:
     """Train, cache and search one (variant, seed); returns its figures (also on error: the error)."""
-    import dataclasses
-
     import torch
 
-    from messearch import data_synthetic
-
     torch.set_num_threads(2)
-    scene = VARIANTS[variant][0]
-    data_synthetic.DESIGN = dataclasses.replace(data_synthetic.SceneDesign(),
-                                                **{k: tuple(v) if isinstance(v, list) else v for k, v in scene.items()})
+    use_scenes(variant)
     from messearch.cache import build_cache
     from messearch.cache_format import load_cache
     from messearch.exit_quality import single_exit_miou, stage_means, structure_report

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import json
 import multiprocessing as mp
@@ -126,15 +125,12 @@ def apply_design(design: str | None, space):
     if not design:
         return space
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from quickstart_design import VARIANTS  # noqa: PLC0415 - a sibling benchmark's candidate table
-
-    from messearch import data_synthetic
+    from quickstart_design import VARIANTS, use_scenes  # noqa: PLC0415 - a sibling benchmark's candidates
 
     if design.startswith("pick:"):
         design = json.loads(Path(design[5:]).read_text())["pick"]
-    scene, space_kw, train_kw = VARIANTS[design]
-    data_synthetic.DESIGN = dataclasses.replace(
-        data_synthetic.SceneDesign(), **{k: tuple(v) if isinstance(v, list) else v for k, v in scene.items()})
+    _, space_kw, train_kw = VARIANTS[design]
+    use_scenes(design)
     raw = yaml.safe_load(space.text)
     raw.update(space_kw)
     raw.setdefault("train", {}).update(train_kw)
