@@ -1,24 +1,20 @@
-"""The exact, vectorised evaluator of early-exit configurations. What to search is search_spec; the rows of its
-blocks and a shard's front are shard_front; the drivers that run it are search_driver.
+"""The exact evaluator of early-exit configurations. What to search is search_spec; the rows of a shard's front
+are shard_front; the drivers that run it are search_driver.
 
 A cascade (e_1, t_1) .. (e_k, t_k) sends image i to the first exit whose confidence reaches its threshold.
 Its confusion counts are the final head's totals plus, for each exit j, the sum over the images that
-survive exits 1..j-1 of pass_j(i) * (X[i, e_j] - X[i, final]). For many prefixes at once that sum is one
-matrix product  survivors[rows, N] @ D[N, exits x thresholds x counts]  of 0/1 by integer entries: BLAS
-does the work, and the result is exact because every partial sum is an integer below 2**24 (float32 runs,
-see search_blocks.exact_runs) or 2**53 (float64). Configurations are generated level by level (a k-exit configuration extends
-a (k-1)-exit prefix), so no configuration is ever handled by Python alone.
-
-Incremental thresholds, in both modes: as a threshold rises, the images that fail it form nested sets, so the
-sums of consecutive thresholds differ by the few images between them and are carried, not recomputed
-(search_per_exit: a prefix's last-exit thresholds; search_shared: the one threshold of all exits). The units
-both kernels build (rows, groups, blocks, exact image runs) are search_blocks.
+survive exits 1..j-1 of pass_j(i) * (X[i, e_j] - X[i, final]): exact int64 sums. Configurations are generated
+depth first (a k-exit configuration extends a (k-1)-exit prefix) by compiled kernels (numba), which carry the
+sums from one threshold to the next: as a threshold rises, the images that pass an exit form nested sets, so
+every image enters each (prefix, new exit) pair's sums once, not once per threshold (search_shared: the one
+threshold of all exits; search_per_exit: each exit's own). What both kernels share (a configuration's metrics
+from its counts, the Pareto pre-filter, the output rows) is search_kernel.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +24,6 @@ from . import stats
 from .cache_format import CacheArrays
 from .config import KIND_CASCADE, KIND_REFERENCE, KIND_STATIC
 from .errors import MessError
-from .search_blocks import BLOCK_ELEMS, Block, Rows  # noqa: F401  (the evaluator's units, re-exported)
 from .search_per_exit import eval_tree
 from .search_shared import eval_tree_shared
 from .search_spec import SearchSpec
@@ -48,21 +43,12 @@ class Prepared:
     shared: bool
     max_exits: int
     fail: np.ndarray         # bool [N, E, T]: confidence < threshold
-    xd: np.ndarray           # [N, E, W]: tp, pred of the exit minus the final head's, then a 1 (exit counter)
+    xd: np.ndarray           # int64 [N, E, W]: tp, pred of the exit minus the final head's, then a 1 (exit counter)
+    xt: np.ndarray           # [E, N, Wp]: xd exit-major and zero-padded, int32 where exact, the rows the kernels read
     base: np.ndarray         # int64 [W]: the final head's totals, counter 0
     gt: np.ndarray           # int64 [C] labelled pixels per class over the split
     costs: dict              # "macs" and "lat:<device>" -> (backbone_to[E], head[E], backbone_total, final)
     devices: list[str]
-    bound: np.ndarray = None   # int64 [N]: largest |entry| of each image's xd rows (exact-sum runs, see search_blocks.exact_runs)
-    d_cache: dict = field(default_factory=dict, repr=False)   # the latest tree's D, reused by the next tree
-
-    def tree_d(self, tree_t: np.ndarray) -> np.ndarray:
-        """D [N, E, Tt, W]: each exit's xd row where the image leaves there with threshold tree_t[j], else 0."""
-        key = tuple(int(t) for t in tree_t)
-        if key not in self.d_cache:
-            self.d_cache.clear()   # one D alive at a time (per-exit: the same D for every tree)
-            self.d_cache[key] = self.xd[:, :, None, :] * (~self.fail[:, :, tree_t])[..., None].astype(self.xd.dtype)
-        return self.d_cache[key]
 
     @property
     def n_exits(self) -> int:
@@ -120,7 +106,7 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: di
     diff = x[:, ex, :] - x[:, final:final + 1, :]
     xd = np.concatenate([diff, np.ones((n, len(ex), 1), dtype=np.int64)], axis=2)
     base = np.concatenate([x[:, final, :].sum(axis=0), [0]]).astype(np.int64)
-    dtype, bound = _exact_dtype(diff)
+    wide = _check_exact(diff)
     if macs.unit != "macs":
         raise MessError(f"the MAC cost table has unit {macs.unit!r}; expected 'macs'")
     costs = {"macs": _cost_arrays(macs, spec, True, "the MAC")}
@@ -131,21 +117,25 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: di
         raise MessError(f"latency constraints name devices {unknown} without a profile; profiled: {sorted(latencies)}")
     return Prepared(n=n, n_classes=c, positions=list(spec.positions), heads=list(spec.heads), thresholds=thr,
                     shared=spec.thresholds_mode == "shared", max_exits=min(int(spec.max_exits), len(spec.positions)), fail=fail,
-                    xd=xd.astype(dtype), bound=bound, base=base, gt=cache.gt.sum(axis=0).astype(np.int64),
+                    xd=xd, xt=_kernel_rows(xd, wide), base=base, gt=cache.gt.sum(axis=0).astype(np.int64),
                     costs=costs, devices=sorted(latencies))
 
 
-def _exact_dtype(diff: np.ndarray):
-    """float32 when every entry fits it exactly (|x| < 2**24), else float64; with each image's largest |entry|.
+def _check_exact(diff: np.ndarray) -> bool:
+    """MessError unless every sum of counts is an integer below 2**53 (exact in float64, as the metrics need);
+    whether a sum of some images' rows can pass int32 (the kernels then add in int64)."""
+    bound = int(np.abs(diff).max(axis=(1, 2)).sum()) + 1 if diff.size else 1
+    if bound >= 2 ** 53:
+        raise MessError(f"pixel counts too large for exact sums ({bound}); use a smaller split per cache")
+    return bound >= 2 ** 31
 
-    A 0/1-weighted sum over a run of images is bounded by the sum of their largest |entry|: exact_runs keeps that
-    below 2**24 (float32) so that BLAS products are exact whatever their summation order.
-    """
-    n = diff.shape[0]
-    bound = np.maximum(np.abs(diff).max(axis=(1, 2)), 1) if diff.size else np.ones(n, dtype=np.int64)
-    if int(bound.sum()) >= 2 ** 53:
-        raise MessError(f"pixel counts too large for exact sums ({int(bound.sum())}); use a smaller split per cache")
-    return (np.float32 if n and int(bound.max()) < 2 ** 24 else np.float64), bound.astype(np.int64)
+
+def _kernel_rows(xd: np.ndarray, wide: bool) -> np.ndarray:
+    """[E, N, Wp]: xd exit-major, zero-padded to a multiple of 16 columns, int32 unless `wide`."""
+    n, e, w = xd.shape
+    out = np.zeros((e, n, -(-w // 16) * 16), np.int64 if wide else np.int32)
+    out[:, :, :w] = xd.transpose(1, 0, 2)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- metrics of blocks
@@ -200,7 +190,7 @@ def reference_rows(prep: Prepared) -> dict:
 def static_rows(prep: Prepared) -> dict:
     """Static truncations (mode 'single'): one exit every image takes, the rest of the network pruned."""
     e = prep.n_exits
-    counts = prep.base[None, :] + prep.xd.sum(axis=0, dtype=np.float64).astype(np.int64)  # exact: integers < 2**53
+    counts = prep.base[None, :] + prep.xd.sum(axis=0)
     exits = np.arange(e)[:, None]
     return block_metrics(prep, KIND_STATIC, exits, np.zeros((e, 1), dtype=np.int64), counts,
                          np.full((e, 1), prep.n, dtype=np.int64))

@@ -32,7 +32,7 @@ from .provenance import policy_record, reconcile_space
 from .ray_runtime import connect
 from .search import Prepared, evaluate_items, prepare, reference_rows
 from .search_spec import SearchSpec, assign_shards, plan_items
-from .shard_front import FrontSink, block_rows, concat_rows
+from .shard_front import FrontSink, concat_rows
 from .space import load_space, space_from_text
 from . import trust
 
@@ -69,11 +69,10 @@ def evaluate_configs(cache: CacheArrays, spec: SearchSpec, macs, latencies=None,
     parts = []
 
     class _All(FrontSink):
-        def add(self, rows):
-            parts.append(rows)
+        emit_all = True
 
-        def block(self, b):
-            parts.append(block_rows(prep, b, np.arange(b.size)))
+        def take(self, rows, n_evaluated):
+            parts.append(rows)
     for items in assign_shards(plan_items(spec), shards):
         evaluate_items(prep, items, _All(prep))
     ref = reference_rows(prep)

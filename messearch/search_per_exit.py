@@ -1,112 +1,132 @@
-"""Per-exit thresholds, incremental: the images that fail a prefix's last exit form nested sets as its
-threshold rises, so the product of threshold t is the product of the previous threshold plus one over the
-images that fail at t but not before (one segment): each image enters one product per head instead of T.
-Trees are rooted at a first position with all its first thresholds."""
+"""Per-exit thresholds, incremental and compiled: every exit of a configuration has its own threshold.
+
+With thresholds in ascending order (steps), image i passes exit c for the first b[i, c] steps (its bin). A
+prefix (exits and their thresholds) keeps the list of images that pass none of its exits. A new exit c at
+step t takes the survivors with b > t: one histogram of the survivors' rows by bin and one running sum from the
+top step down give all its thresholds, so each survivor enters each (prefix, new exit) pair once instead of
+once per threshold. The kernel walks the prefixes depth first; every sum is an exact int64.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
+import numba as nb
 import numpy as np
 
-from . import search_blocks as sb
-from .search_blocks import Group, Rows, block_of, child_rows, exact_runs, group_of
+from . import search_kernel as sk
+from .search_shared import threshold_bins
 
 
-def _fail(prep, e: int, tcols: np.ndarray) -> np.ndarray:
-    """bool [N, Tc]: images that do not leave at exit e with each threshold (all of them for the root)."""
-    return np.ones((prep.n, len(tcols)), dtype=bool) if e < 0 else prep.fail[:, e][:, tcols]
-
-
-
-def _extend(prep, g: Group, d: np.ndarray, tree_t: np.ndarray, cols: np.ndarray, tsel: np.ndarray,
-            chunk_elems: int):
-    """Yield Blocks of every prefix in g extended by each (exit in cols, threshold tree_t[tsel]); d is [N, E, Tt, W].
-
-    For one head of the last prefix exit, its thresholds' failing sets are nested: the product over a
-    threshold's new segment of images is added to the previous threshold's sums (exact: integers in BLAS,
-    runs bounded by exact_runs, float64 accumulation). With one threshold (shared mode) all heads go in one product.
-    """
-    n, w, h_all = prep.n, prep.width, len(prep.heads)
-    n_h, n_p, tcn = len(g.ex), len(g.ps), len(g.tcols)
-    col_t = tree_t[tsel]
-    step_pos = max(1, sb.COLUMN_ELEMS // (h_all * len(tsel) * w))
-    batches = [np.arange(n_h)] if tcn == 1 else [np.array([i]) for i in range(n_h)]
-    for c0 in range(0, len(cols), step_pos * h_all):
-        ce = cols[c0:c0 + step_pos * h_all]
-        cw = len(ce) * len(tsel) * w
-        dv = d[:, ce[0]:ce[-1] + 1]   # a view; only the rows a product needs are gathered
-        if len(tsel) < d.shape[2]:
-            dv = dv[:, :, tsel]
-        passes = ~np.all(prep.fail[:, ce][:, :, col_t], axis=(1, 2))   # images some new exit lets out
-        for hb in batches:
-            f = np.stack([_fail(prep, int(e), g.tcols) for e in g.ex[hb]])   # [Hb, N, Tc]
-            seg = f.copy()
-            seg[:, :, 1:] &= ~f[:, :, :-1]
-            p_step = max(1, chunk_elems // (len(hb) * tcn * cw))
-            for p0 in range(0, n_p, p_step):
-                p1 = min(n_p, p0 + p_step)
-                ps = g.ps[p0:p1]
-                live = ps.any(axis=0) & passes
-                run = np.zeros((len(hb) * (p1 - p0), cw))
-                out = run.reshape(len(hb), p1 - p0, 1, cw) if tcn == 1 else np.empty((len(hb), p1 - p0, tcn, cw))
-                for j in range(tcn):
-                    idx = np.flatnonzero(seg[:, :, j].any(axis=0) & live)
-                    runs = exact_runs(prep, idx) if len(idx) else []
-                    wide = len(runs) > 2   # many short float32 runs cost more than one float64 product
-                    for a, z in ([(0, len(idx))] if wide else runs):
-                        ii = idx[a:z]
-                        dm = dv[ii].reshape(len(ii), cw)
-                        dm = dm.astype(np.float64) if wide else dm
-                        sel = (ps[None, :, ii] & seg[:, ii, j][:, None, :]).reshape(-1, len(ii))
-                        run += sel.astype(dm.dtype) @ dm
-                    if tcn > 1:
-                        out[:, :, j] = run.reshape(len(hb), p1 - p0, cw)
-                rid = ((hb[:, None] * n_p + np.arange(p0, p1)[None, :])[..., None] * tcn + np.arange(tcn)).reshape(-1)
-                rows = g.rows.take(rid)
-                counts = out.reshape(len(rid), len(ce), len(tsel), w)
-                counts += rows.counts[:, None, None, :]
-                yield block_of(prep, rows, ce, col_t, counts,
-                             lambda ps=ps, f=f: (ps[None, :, None, :] & f.transpose(0, 2, 1)[:, None, :, :]).reshape(-1, n))
-
-
-
-def eval_tree(prep, roots, sink, chunk_elems: int | None = None) -> None:
-    """Evaluate every cascade whose first exit is a head at position p with threshold index t, (t, p) in roots.
-
-    Shared thresholds: all roots share one t. Calls sink.block(Block) for every block of configurations.
-    """
-    n, h, npos, e_all = prep.n, len(prep.heads), len(prep.positions), prep.n_exits
-    by_p = defaultdict(set)
-    for t, p in roots:
-        by_p[int(p)].add(int(t))
-    order = np.argsort(prep.thresholds, kind="stable")   # threshold indices ascending in value
-    tree_t = order[np.isin(order, sorted(set().union(*by_p.values())))] if prep.shared else order
-    d = prep.tree_d(tree_t)
-    zero = {k: np.zeros(1, dtype=v[0].dtype) for k, v in prep.costs.items()}
-    empty = np.zeros((1, 0), dtype=np.int64)
-    root = Group(np.ones((1, n), dtype=bool), np.array([-1]), np.array([0]),
-                 Rows(prep.base[None, :].astype(np.float64), empty, empty, empty, zero, zero))
-    chunk_elems = chunk_elems or sb.BLOCK_ELEMS[False]
-    groups = defaultdict(list)
-    for p in sorted(by_p):
-        es = np.arange(p * h, (p + 1) * h)
-        for b in _extend(prep, root, d, tree_t, es, np.flatnonzero(np.isin(tree_t, sorted(by_p[p]))), chunk_elems):
-            sink.block(b)
-            if prep.max_exits > 1:
-                groups[p].append(child_rows(b, slice(0, h)))
-    for level in range(2, prep.max_exits + 1):
-        nxt = defaultdict(list)
-        for p in sorted(groups):
-            first = (p + 1) * h
-            if first >= e_all:
+@nb.njit(**sk.JIT)
+def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all, pf, stair, elite, obj, lat,
+                  ist):
+    """Every cascade of the tree (first exit at position p1 with a first step where first[t]), depth first; pauses
+    (returns) when the output buffer could overflow and resumes from `state`; ist[6] = 1 when done."""
+    nextc, curc, tnext, pe, pt, pn, cnt, ext, lst, nl, hist, run, ex, st, na, hm, am, amt, hl, al, alt = state
+    n, gt, mbb, mhd, mk, lbb, lhd, lk = model
+    n_exit, _, wp = x.shape
+    col = 2 * gt.shape[0]   # the exit counter: images that left at an exit so far
+    steps = ext.shape[1]
+    cap = out[0].shape[0]
+    n_dev = lat.shape[0]
+    while True:
+        j = ist[0]
+        if tnext[j] < steps:
+            # descend into (curc[j], t): its survivors fail c at step t (b <= t)
+            t = tnext[j]
+            tnext[j] = t + 1
+            if j == 0 and not first[t]:
                 continue
-            g = group_of(groups[p], prep.width)
-            for b in _extend(prep, g, d, tree_t, np.arange(first, e_all), np.arange(len(tree_t)), chunk_elems):
-                sink.block(b)
-                if level < prep.max_exits:
-                    q0 = int(b.col_exits[0]) // h
-                    for q in range(q0, q0 + len(b.col_exits) // h):
-                        nxt[q].append(child_rows(b, slice((q - q0) * h, (q - q0 + 1) * h)))
-        groups = nxt
+            c = curc[j]
+            m2 = 0
+            for q in range(nl[j]):
+                i = lst[j, q]
+                if b[c, i] <= t:
+                    lst[j + 1, m2] = i
+                    m2 += 1
+            nl[j + 1] = m2
+            cnt[j + 1, :] = ext[j, t, :]
+            pe[j], pt[j], pn[j] = c, t, ext[j, t, col] - cnt[j, col]
+            am[j + 1] = amt[j, t]
+            al[j + 1, :] = alt[j, t, :]
+            nextc[j + 1] = (c // heads + 1) * heads
+            tnext[j + 1] = steps
+            ist[0] = j + 1
+            continue
+        c = nextc[j]
+        if c >= ((p1 + 1) * heads if j == 0 else n_exit):
+            if j == 0:
+                ist[6] = 1
+                return
+            ist[0] = j - 1
+            continue
+        if ist[1] + steps > cap:
+            return
+        nextc[j] = c + 1
+        # exit c at step t takes the survivors whose bin is above t: a histogram by bin, summed from the top
+        hist[:, :] = 0
+        for q in range(nl[j]):
+            i = lst[j, q]
+            bc = b[c, i]
+            if bc > 0:
+                for m in range(wp):
+                    hist[bc, m] += x[c, i, m]
+        run[:] = 0
+        for t in range(steps - 1, -1, -1):
+            for m in range(wp):
+                run[m] += hist[t + 1, m]
+                ext[j, t, m] = cnt[j, m] + run[m]
+        h = hm[j] + mhd[c]
+        hm[j + 1] = h
+        for d in range(n_dev):
+            hl[j + 1, d] = hl[j, d] + lhd[d, c]
+        for t in range(steps):
+            if j == 0 and not first[t]:
+                continue
+            row = ext[j, t]
+            nat = row[col] - cnt[j, col]
+            nf = n - row[col]
+            a = am[j] + nat * (mbb[c] + h)
+            amt[j, t] = a
+            macsum = a + nf * ((mk[0] + h) + mk[1])
+            for d in range(n_dev):
+                hd = hl[j + 1, d]
+                ad = al[j, d] + np.float64(nat) * (lbb[d, c] + hd)
+                alt[j, t, d] = ad
+                lat[d] = ad + np.float64(nf) * ((lk[d, 0] + hd) + lk[d, 1])
+            miou = sk.miou_of(row, gt)
+            ist[2] += 1
+            if sk.keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
+                for j2 in range(j):
+                    ex[j2], st[j2], na[j2] = pe[j2], pt[j2], pn[j2]
+                ex[j], st[j], na[j] = c, t, nat
+                sk.write(out, ist, ex, st, na, j + 1, row, macsum, lat, miou)
+        if j + 1 < max_exits and (c // heads + 1) * heads < n_exit:
+            curc[j] = c
+            tnext[j] = 0
 
+
+def eval_tree(prep, roots, sink) -> None:
+    """Evaluate every cascade whose first exit is a head at position p with threshold index t, (t, p) in roots
+    (one position); hands rows to sink.take."""
+    (p1,) = {int(p) for _, p in roots}
+    tree_t = np.argsort(prep.thresholds, kind="stable")   # threshold indices ascending in value
+    first = np.isin(tree_t, sorted({int(t) for t, _ in roots}))
+    n, k, steps, wp, dev = prep.n, prep.max_exits, len(tree_t), prep.xt.shape[2], len(prep.devices)
+    cnt = np.zeros((k + 1, wp), np.int64)
+    cnt[0, :prep.width] = prep.base
+    lst = np.zeros((k + 1, n), np.int64)
+    lst[0] = np.arange(n)
+    nl = np.zeros(k + 1, np.int64)
+    nl[0] = n
+    nextc = np.zeros(k + 1, np.int64)
+    nextc[0] = p1 * len(prep.heads)
+    tnext = np.full(k + 1, steps, np.int64)
+    z = [np.zeros(k + 1, np.int64) for _ in range(4)]
+    ints = [np.zeros(k, np.int64) for _ in range(3)]
+    state = (nextc, z[0], tnext, z[1], z[2], z[3], cnt, np.zeros((k + 1, steps, wp), np.int64), lst, nl,
+             np.zeros((steps + 1, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), *ints,
+             np.zeros(k + 1, np.int64), np.zeros(k + 1, np.int64), np.zeros((k + 1, steps), np.int64),
+             np.zeros((k + 1, dev)), np.zeros((k + 1, dev)), np.zeros((k + 1, steps, dev)))
+    args = (prep.xt, threshold_bins(prep, tree_t), np.int64(p1), np.int64(len(prep.heads)), np.int64(k), first,
+            sk.model_of(prep), state)
+    sk.run(prep, per_exit_tree, args, np.zeros(8, np.int64), sink, tree_t)

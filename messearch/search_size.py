@@ -12,7 +12,7 @@ import numpy as np
 from .cache_format import CacheArrays
 from .errors import MessError
 from .search import Prepared, evaluate_items, prepare
-from .search_blocks import BLOCK_ELEMS
+from .search_kernel import OUT_ROWS
 from .search_spec import SearchSpec, plan_items
 from .shard_front import FrontSink
 
@@ -63,11 +63,11 @@ def estimate(prep: Prepared, spec: SearchSpec, items: list[tuple], cores: int, s
     m = measure_rate(prep, items, seconds)
     rate = max(m["configs_per_cpu_s"], 1.0)
     n = spec.n_configs()
-    # both kernels hold the cache's rows masked per threshold (per-exit: tree_d; shared: one array per step)
-    d_bytes = prep.n * prep.n_exits * len(prep.thresholds) * prep.width * prep.xd.itemsize
+    # the cache's rows twice (image-major for static rows, exit-major for the kernels), the threshold bins, and
+    # the kernels' output buffer; the kernels' own state is a few prefixes' counts
     return {"n_configs": n, "configs_per_cpu_s": rate, "cores": int(cores), "cpu_seconds": n / rate,
             "seconds": n / rate / max(1, int(cores)), "measured_configs": m["sampled"],
-            "bytes": int(2 * d_bytes + 6 * 8 * BLOCK_ELEMS[prep.shared] + prep.xd.nbytes + prep.fail.nbytes)}
+            "bytes": int(2 * prep.xd.nbytes + 9 * prep.fail.nbytes + 8 * OUT_ROWS * (prep.width + 3 * prep.max_exits + 8))}
 
 
 def n_shards(est: dict, cores: int) -> int:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messearch import search_blocks, shard_front, stats
+from messearch import search_kernel, shard_front, stats
 from messearch.cache_format import CacheArrays
 from messearch.errors import MessError
 from messearch.config import config_id
@@ -205,16 +205,14 @@ SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(H
 
 @contextlib.contextmanager
 def small_blocks(on: bool):
-    """Blocks of one parent prefix and one position's columns: every chunked path of the evaluator runs."""
-    saved = dict(search_blocks.BLOCK_ELEMS), search_blocks.COLUMN_ELEMS
+    """An output buffer of one threshold's rows: the kernels pause after every (prefix, new exit) pair and resume."""
+    saved = search_kernel.OUT_ROWS
     if on:
-        search_blocks.BLOCK_ELEMS.update({True: 1, False: 1})
-        search_blocks.COLUMN_ELEMS = 1
+        search_kernel.OUT_ROWS = 1
     try:
         yield
     finally:
-        search_blocks.BLOCK_ELEMS.update(saved[0])
-        search_blocks.COLUMN_ELEMS = saved[1]
+        search_kernel.OUT_ROWS = saved
 
 
 @SETTINGS
@@ -244,8 +242,9 @@ def test_front_equals_brute_force_per_exit(problem, shards, small):
 @given(st.booleans().flatmap(problems), st.booleans(), st.integers(1, 4))
 def test_every_configuration_equals_brute_force(problem, small, shards):
     # both modes, every configuration row for row: the incremental sums (carried from one threshold to the next:
-    # per-exit, a prefix's last-exit thresholds; shared, the one threshold of all exits), the chunked blocks, the
-    # float32 runs and trees holding only a shard's thresholds give the brute force's exact numbers
+    # per-exit, a prefix's last-exit thresholds; shared, the one threshold of all exits), the compiled kernels
+    # paused and resumed after every step (small), and trees holding only a shard's thresholds give the brute
+    # force's exact numbers
     cache, spec, macs, latencies = problem
     rows = brute_force_rows(cache, spec, macs, latencies)
     with small_blocks(small):
@@ -349,9 +348,9 @@ def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_pat
     assert set(df["config_id"]) - {"reference"} <= set(every["config_id"])
 
 
-@pytest.mark.parametrize("scale", [2**19, 2**23])
+@pytest.mark.parametrize("scale", [2**19, 2**27])
 def test_large_pixel_counts_stay_exact(scale):
-    # counts large enough that float32 needs several image runs (2**19) or float64 (2**23): still bit-exact
+    # counts whose sums pass 2**24 (float32's exact integers; the kernels add in int32) and 2**31 (int64): bit-exact
     cache = make_cache(11, 3, 2, 12, 3)
     for name in ("tp", "pred", "gt", "n_above", "n_pixels"):
         setattr(cache, name, getattr(cache, name) * scale)
@@ -359,10 +358,8 @@ def test_large_pixel_counts_stay_exact(scale):
     spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
                       policy_kind="fraction", pixel_threshold_bin=2)
     from messearch.search import prepare
-    from messearch.search_blocks import exact_runs as _runs
     prep = prepare(cache, spec, macs)
-    all_images = np.arange(prep.n)
-    assert (prep.xd.dtype == np.float32 and len(_runs(prep, all_images)) > 1) if scale == 2**19 else prep.xd.dtype == np.float64
+    assert prep.xt.dtype == (np.int32 if scale == 2**19 else np.int64) and int(prep.base.max()) >= 2**24
     rows = brute_force_rows(cache, spec, macs, {})
     assert_same_rows(evaluate_configs(cache, spec, macs), rows, {})
     assert_same_rows(search_local(cache, spec, macs, shards=2), brute_force_front(rows, {}, spec), {})

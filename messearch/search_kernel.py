@@ -1,0 +1,199 @@
+"""What both compiled threshold kernels (search_shared, search_per_exit) share: one configuration's mIoU from its
+exact integer counts, the Pareto pre-filter, the output buffer, and its rows. The kernels add a configuration's
+costs to its prefix's in the order of search._cost_sum (ints for MACs, float64 for latencies).
+
+Compiled with numba (`cache=True`: Ray workers load the machine code instead of compiling it again). No
+fastmath: every float operation runs as written, in IEEE order, so the kernel's mIoU and costs are the floats
+numpy computes from the same integers (stats.miou_from_counts, search._cost_sum; tests/test_search checks).
+The cache's rows are int32 where every sum of them fits (search.prepare), padded to a multiple of 16 columns so
+that the adds vectorise without a scalar tail.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from . import stats
+from .config import KIND_CASCADE
+
+JIT = dict(cache=True, nogil=True)
+OUT_ROWS = 1 << 15       # rows of the output buffer: a kernel pauses when the next step could overflow it
+STAIR_POINTS = 1 << 14   # two objectives: the pre-filter's staircase of non-dominated points
+ELITE_POINTS = 32        # more objectives: the last emitted points, a ring
+
+
+@nb.njit(**JIT)
+def miou_of(cnt, gt):
+    """stats.miou_from_counts of one configuration's counts cnt [W] (tp, pred, ...), in the same float steps."""
+    c = gt.shape[0]
+    total = 0.0
+    present = 0
+    for k in range(c):
+        union = (gt[k] + cnt[c + k]) - cnt[k]
+        if union > 0:
+            total = total + np.float64(cnt[k]) / np.float64(union)
+            present += 1
+    if present > 0:
+        return total / np.float64(present)
+    return 0.0
+
+
+@nb.njit(**JIT)
+def _dominated(obj, pf, stair, elite):
+    """Whether an already emitted configuration strictly dominates obj (objectives to minimise)."""
+    d = obj.shape[0]
+    if d == 2:
+        # stair: gmacs ascending, -miou strictly descending; the best -miou at gmacs <= x is the last such point
+        x, y = obj[1], obj[0]
+        lo, hi = 0, pf[0]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if stair[0, mid] <= x:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0:
+            return False
+        fy = stair[1, lo - 1]
+        return fy < y or (fy == y and stair[0, lo - 1] < x)
+    for q in range(pf[1]):
+        le = True
+        lt = False
+        for m in range(d):
+            if elite[q, m] > obj[m]:
+                le = False
+                break
+            if elite[q, m] < obj[m]:
+                lt = True
+        if le and lt:
+            return True
+    return False
+
+
+@nb.njit(**JIT)
+def _remember(obj, pf, stair, elite):
+    """Add a non-dominated obj to the pre-filter (staircase: drop the points it dominates; ring: overwrite)."""
+    d = obj.shape[0]
+    if d != 2:
+        q = pf[2]
+        elite[q, :] = obj
+        pf[2] = (q + 1) % elite.shape[0]
+        pf[1] = min(pf[1] + 1, elite.shape[0])
+        return
+    x, y = obj[1], obj[0]
+    n = pf[0]
+    lo = 0
+    while lo < n and stair[0, lo] < x:   # staircases stay short; a scan beats bookkeeping here
+        lo += 1
+    hi = lo
+    while hi < n and stair[1, hi] >= y:
+        hi += 1
+    new_n = n - (hi - lo) + 1
+    if new_n > stair.shape[1]:
+        return   # full: a weaker pre-filter, never a wrong one
+    if hi - lo != 1:
+        stair[:, lo + 1:new_n] = stair[:, hi:n].copy()
+    stair[0, lo] = x
+    stair[1, lo] = y
+    pf[0] = new_n
+
+
+@nb.njit(**JIT)
+def keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
+    """Whether a configuration goes to the output: always with emit_all, else unless an emitted one dominates it
+    (then it is remembered for the next ones). Objectives as the front's: -mIoU, mean GMACs, mean latencies."""
+    if emit_all:
+        return True
+    obj[0] = -miou
+    obj[1] = np.float64(macsum) / np.float64(n) / 1e9
+    for d in range(lat.shape[0]):
+        obj[2 + d] = lat[d] / np.float64(n)
+    if _dominated(obj, pf, stair, elite):
+        return False
+    _remember(obj, pf, stair, elite)
+    return True
+
+
+@nb.njit(**JIT)
+def write(out, ist, ex, st, na, k, cnt, macsum, lat, miou):
+    """Append one configuration (exits ex[:k], threshold steps st[:k], images leaving na[:k], counts cnt) to out."""
+    o_ex, o_st, o_na, o_cnt, o_mac, o_lat, o_miou = out
+    r = ist[1]
+    ist[1] = r + 1
+    for j in range(o_ex.shape[1]):
+        o_ex[r, j] = ex[j] if j < k else -1
+        o_st[r, j] = st[j] if j < k else -1
+        o_na[r, j] = na[j] if j < k else 0
+    for m in range(o_cnt.shape[1]):
+        o_cnt[r, m] = cnt[m]
+    o_mac[r] = macsum
+    o_lat[r, :] = lat
+    o_miou[r] = miou
+
+
+# ------------------------------------------------------------------------------------------ the Python side
+
+def model_of(prep) -> tuple:
+    """The kernel's view of a Prepared: (n, gt, MAC backbone-to and head [E] with (total, final), latency tables
+    [D, E] twice and [D, 2])."""
+    bb, hd, tot, fin = prep.costs["macs"]
+    lat = [prep.costs[f"lat:{d}"] for d in prep.devices]
+    e, d = prep.n_exits, len(lat)
+    lbb = np.array([t[0] for t in lat], dtype=np.float64).reshape(d, e)
+    lhd = np.array([t[1] for t in lat], dtype=np.float64).reshape(d, e)
+    lk = np.array([[t[2], t[3]] for t in lat], dtype=np.float64).reshape(d, 2)
+    return (np.int64(prep.n), prep.gt.astype(np.int64), np.asarray(bb, np.int64), np.asarray(hd, np.int64),
+            np.array([tot, fin], dtype=np.int64), lbb, lhd, lk)
+
+
+class Output:
+    """The output buffer of the kernels and the pre-filter state that lives across a shard's trees."""
+
+    def __init__(self, prep, rows: int | None = None, emit_all: bool = False):
+        k, w, d = prep.max_exits, prep.width, len(prep.devices)
+        cap = max(rows or OUT_ROWS, len(prep.thresholds))
+        self.arrays = (np.empty((cap, k), np.int64), np.empty((cap, k), np.int64), np.empty((cap, k), np.int64),
+                       np.empty((cap, w), np.int64), np.empty(cap, np.int64), np.empty((cap, d)), np.empty(cap))
+        self.emit_all = bool(emit_all)
+        self.pf = np.zeros(3, np.int64)    # staircase length, ring length, ring position
+        self.stair = np.empty((2, STAIR_POINTS))
+        self.elite = np.empty((ELITE_POINTS, 2 + d))
+        self.scratch = (np.empty(2 + d), np.empty(d))
+
+    @property
+    def cap(self) -> int:
+        return len(self.arrays[4])
+
+    def rows(self, prep, m: int, tree_t: np.ndarray) -> dict:
+        """The first m rows written, as search rows (the form search.block_metrics returns); mIoU through
+        stats.miou_from_counts, which must equal the kernel's float for float."""
+        o_ex, o_st, o_na, o_cnt, o_mac, o_lat, o_miou = (a[:m] for a in self.arrays)
+        c = prep.n_classes
+        tp = o_cnt[:, :c]
+        miou = stats.miou_from_counts(tp, o_cnt[:, c:2 * c], prep.gt)
+        if not np.array_equal(miou, o_miou):
+            raise AssertionError("the compiled kernel's mIoU differs from stats.miou_from_counts")
+        rows = {
+            "kind": np.full(m, KIND_CASCADE, dtype=np.int8), "n_exits": (o_ex >= 0).sum(axis=1).astype(np.int8),
+            "exits": o_ex.copy(), "tidx": np.where(o_st >= 0, tree_t[np.maximum(o_st, 0)], -1),
+            "n_at": o_na.copy(), "n_final": prep.n - o_cnt[:, -1], "miou": miou,
+            "pixel_acc": stats.pixel_accuracy(tp, prep.gt), "macsum": o_mac.copy(),
+        }
+        rows["mean_gmacs"] = rows["macsum"] / prep.n / 1e9
+        for i, dev in enumerate(prep.devices):
+            rows[f"lat_{dev}"] = o_lat[:, i] / prep.n
+        return rows
+
+
+def run(prep, kernel, args: tuple, ist: np.ndarray, sink, tree_t: np.ndarray) -> None:
+    """Call a tree kernel until it is done (ist[6]), handing each buffer of rows and the count it evaluated to
+    sink.take."""
+    out = sink.output(prep)
+    obj, lat = out.scratch
+    while True:
+        ist[1] = ist[2] = 0
+        kernel(*args, out.arrays, out.emit_all, out.pf, out.stair, out.elite, obj, lat, ist)
+        sink.take(out.rows(prep, int(ist[1]), tree_t), int(ist[2]))
+        if ist[6]:
+            return
