@@ -152,7 +152,7 @@ class Output:
 
     def __init__(self, prep, rows: int | None = None, emit_all: bool = False):
         k, w, d = prep.max_exits, prep.width, len(prep.devices)
-        cap = max(rows or OUT_ROWS, len(prep.thresholds))
+        cap = max(rows or OUT_ROWS, len(prep.thresholds))   # a kernel's step writes at most T rows
         self.arrays = (np.empty((cap, k), np.int64), np.empty((cap, k), np.int64), np.empty((cap, k), np.int64),
                        np.empty((cap, w), np.int64), np.empty(cap, np.int64), np.empty((cap, d)), np.empty(cap))
         self.emit_all = bool(emit_all)

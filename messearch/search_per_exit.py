@@ -21,7 +21,8 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
                   ist):
     """Every cascade of the tree (first exit at position p1 with a first step where first[t]), depth first; pauses
     (returns) when the output buffer could overflow and resumes from `state`; ist[6] = 1 when done."""
-    nextc, curc, tnext, pe, pt, pn, cnt, ext, lst, nl, hist, run, ex, st, na, hm, am, amt, hl, al, alt = state
+    (nextc, curc, tnext, leaf, leaf_t, pe, pt, pn, cnt, ext, lst, nl, hist, run, leaf_row, order, off, ex, st, na, hm, am, amt,
+     hl, al, alt, lat2) = state
     n, gt, mbb, mhd, mk, lbb, lhd, lk = model
     n_exit, _, wp = x.shape
     col = 2 * gt.shape[0]   # the exit counter: images that left at an exit so far
@@ -30,6 +31,52 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
     n_dev = lat.shape[0]
     while True:
         j = ist[0]
+        if leaf[j] < n_exit:
+            # the last exit c3 after every (c, t2): c's thresholds' survivors are nested (b <= t2 grows with t2), so
+            # one histogram by c3's bin takes each image once, at its bin of c, for all of them
+            c, c3 = curc[j], leaf[j]
+            if leaf_t[j] == steps:
+                leaf[j], leaf_t[j] = c3 + 1, 0
+                continue
+            if leaf_t[j] == 0:
+                hist[:, :] = 0
+            h = hm[j + 1] + mhd[c3]
+            for d in range(n_dev):
+                lat2[d] = hl[j + 1, d] + lhd[d, c3]
+            for t2 in range(leaf_t[j], steps):
+                if ist[1] + steps > cap:
+                    leaf_t[j] = t2   # paused: the histogram of the images up to bin t2 - 1 stays in `hist`
+                    return
+                for q in range(off[t2], off[t2 + 1]):
+                    i = order[q]
+                    b3 = b[c3, i]
+                    if b3 > 0:
+                        for m in range(wp):
+                            hist[b3, m] += x[c3, i, m]
+                if j == 0 and not first[t2]:
+                    continue
+                run[:] = 0
+                for t in range(steps - 1, -1, -1):
+                    for m in range(wp):
+                        run[m] += hist[t + 1, m]
+                        leaf_row[m] = ext[j, t2, m] + run[m]
+                    nat = leaf_row[col] - ext[j, t2, col]
+                    nf = n - leaf_row[col]
+                    a = amt[j, t2] + nat * (mbb[c3] + h)
+                    macsum = a + nf * ((mk[0] + h) + mk[1])
+                    for d in range(n_dev):
+                        hd = lat2[d]
+                        lat[d] = (alt[j, t2, d] + np.float64(nat) * (lbb[d, c3] + hd)) + np.float64(nf) * ((lk[d, 0] + hd) + lk[d, 1])
+                    miou = sk.miou_of(leaf_row, gt)
+                    ist[2] += 1
+                    if sk.keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
+                        for j2 in range(j):
+                            ex[j2], st[j2], na[j2] = pe[j2], pt[j2], pn[j2]
+                        ex[j], st[j], na[j] = c, t2, ext[j, t2, col] - cnt[j, col]
+                        ex[j + 1], st[j + 1], na[j + 1] = c3, t, nat
+                        sk.write(out, ist, ex, st, na, j + 2, leaf_row, macsum, lat, miou)
+            leaf_t[j] = steps
+            continue
         if tnext[j] < steps:
             # descend into (curc[j], t): its survivors fail c at step t (b <= t)
             t = tnext[j]
@@ -102,7 +149,24 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
                 sk.write(out, ist, ex, st, na, j + 1, row, macsum, lat, miou)
         if j + 1 < max_exits and (c // heads + 1) * heads < n_exit:
             curc[j] = c
-            tnext[j] = 0
+            if j + 2 < max_exits:
+                tnext[j] = 0
+            else:
+                # the prefixes (c, t2) are the last ones: order the survivors by their bin of c (counting sort)
+                off[:] = 0
+                for q in range(nl[j]):
+                    off[b[c, lst[j, q]] + 1] += 1
+                for t in range(steps + 1):
+                    off[t + 1] += off[t]
+                for q in range(nl[j]):
+                    i = lst[j, q]
+                    bc = b[c, i]
+                    order[off[bc]] = i
+                    off[bc] += 1
+                for t in range(steps + 1, 0, -1):
+                    off[t] = off[t - 1]
+                off[0] = 0
+                leaf[j] = (c // heads + 1) * heads
 
 
 def eval_tree(prep, roots, sink) -> None:
@@ -121,12 +185,14 @@ def eval_tree(prep, roots, sink) -> None:
     nextc = np.zeros(k + 1, np.int64)
     nextc[0] = p1 * len(prep.heads)
     tnext = np.full(k + 1, steps, np.int64)
+    leaf = np.full(k + 1, prep.n_exits, np.int64)
     z = [np.zeros(k + 1, np.int64) for _ in range(4)]
     ints = [np.zeros(k, np.int64) for _ in range(3)]
-    state = (nextc, z[0], tnext, z[1], z[2], z[3], cnt, np.zeros((k + 1, steps, wp), np.int64), lst, nl,
-             np.zeros((steps + 1, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), *ints,
+    state = (nextc, z[0], tnext, leaf, np.zeros(k + 1, np.int64), z[1], z[2], z[3], cnt, np.zeros((k + 1, steps, wp), np.int64), lst, nl,
+             np.zeros((steps + 1, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), np.zeros(wp, np.int64),
+             np.zeros(n, np.int64), np.zeros(steps + 2, np.int64), *ints,
              np.zeros(k + 1, np.int64), np.zeros(k + 1, np.int64), np.zeros((k + 1, steps), np.int64),
-             np.zeros((k + 1, dev)), np.zeros((k + 1, dev)), np.zeros((k + 1, steps, dev)))
+             np.zeros((k + 1, dev)), np.zeros((k + 1, dev)), np.zeros((k + 1, steps, dev)), np.zeros(dev))
     args = (prep.xt, threshold_bins(prep, tree_t), np.int64(p1), np.int64(len(prep.heads)), np.int64(k), first,
             sk.model_of(prep), state)
     sk.run(prep, per_exit_tree, args, np.zeros(8, np.int64), sink, tree_t)
