@@ -423,3 +423,36 @@ def test_shards_take_contiguous_thresholds_with_the_same_loads():
             for p in {it[2] for it in s if it[0] == "tree"}:
                 ts = sorted(it[1] for it in s if it[0] == "tree" and it[2] == p)
                 assert ts == list(range(ts[0], ts[0] + len(ts))), (n, p, ts)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 10**6), st.integers(1, 30), st.sampled_from([10, 10**4, 2**40]))
+def test_kernel_miou_is_the_one_definition_float_for_float(seed, n_classes, scale):
+    # the kernels' pre-filter compares this mIoU; it must be stats.miou_from_counts's float, classes with no pixel too
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, scale, n_classes) * (rng.random(n_classes) < 0.7)
+    tp = np.minimum(rng.integers(0, scale, (50, n_classes)), gt)
+    pred = tp + rng.integers(0, scale, (50, n_classes)) * (rng.random((50, n_classes)) < 0.5)
+    want = stats.miou_from_counts(tp, pred, gt)
+    rows = np.zeros((50, 2 * n_classes + 5), np.int64)   # the kernels' rows: tp, pred, the exit counter, padding
+    rows[:, :n_classes], rows[:, n_classes:2 * n_classes] = tp, pred
+    got = np.array([search_kernel.miou_of(r, gt.astype(np.int64)) for r in rows])
+    assert got.tobytes() == want.tobytes()
+
+
+def test_the_kernels_hand_over_few_rows_and_count_every_configuration():
+    # the pre-filter drops only configurations that an evaluated one dominates: few rows reach Python, the count is whole
+    cache = make_cache(8, 4, 3, 12, 3)
+    macs = make_costs(8, cache.positions, cache.heads)
+    from messearch.search import evaluate_items, prepare
+    from messearch.search_spec import plan_items
+    for mode in ("shared", "per-exit"):
+        spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.2, 0.4, 0.5, 0.6, 0.8),
+                          max_exits=3, thresholds_mode=mode)
+        prep = prepare(cache, spec, macs)
+        sink = shard_front.FrontSink(prep)
+        taken = []
+        take = sink.take
+        sink.take = lambda rows, n: (taken.append(len(rows["miou"])), take(rows, n))
+        evaluate_items(prep, plan_items(spec), sink)
+        assert sink.n_evaluated == spec.n_configs() and 0 < sum(taken) < spec.n_configs() / 5, (mode, sum(taken))
