@@ -6,28 +6,35 @@ per-exit mode: 10 thresholds per exit (287,489,280 configurations). For each mod
 Ray Tune (Ray start timed apart, then search to Parquet written), the evaluator's configurations per CPU-second
 (summed over the trials), each shard's evaluation time, and peak memory (driver and largest trial process).
 --baselines adds a plain per-architecture numpy loop and one-configuration-per-trial Tune (shared mode only).
+`kernels_first_call_s` is the driver's first search of a tiny cache: loading the compiled kernels from numba's
+cache (or compiling them, once per machine and source version); the trials load them from that cache too.
+BLAS and OpenMP run one thread in this process and the Ray workers it starts (the kernels use neither).
 
-    PYTHONPATH=$PWD python benchmarks/search_throughput.py            # both modes, ~2-10 min on two cores
+    PYTHONPATH=$PWD python benchmarks/search_throughput.py            # both modes, ~1-3 min on two cores
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
-import resource
-import sys
-import tempfile
-import time
 
-import numpy as np
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):   # before numpy; Ray workers inherit
+    os.environ.setdefault(_var, "1")
 
-from messearch.cache_format import CacheArrays
-from messearch.front import write_front
-from messearch.costs import CostTable as Costs
-from messearch.search_spec import SearchSpec
-from messearch.search_driver import run_search
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from messearch.cache_format import CacheArrays  # noqa: E402
+from messearch.front import write_front  # noqa: E402
+from messearch.costs import CostTable as Costs  # noqa: E402
+from messearch.search_spec import SearchSpec  # noqa: E402
+from messearch.search_driver import run_search, search_local  # noqa: E402
 
 POSITIONS = [f"backbone.layer{l}.{b}" for l, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for b in range(n)]
 HEADS = [f"head{j}" for j in range(8)]
@@ -155,6 +162,11 @@ def main() -> None:
     cache = random_cache()
     macs = reference_macs()
     out = {"num_cpus": args.num_cpus, "shards_asked": args.shards, "load_average_1_5_15_before": [round(x, 1) for x in load0]}
+    t0 = time.perf_counter()
+    tiny = random_cache(n=20)
+    for mode in args.modes.split(","):
+        search_local(tiny, SearchSpec(positions=POSITIONS[-3:], heads=HEADS[:2], max_exits=3, **SPECS[mode]), macs)
+    out["kernels_first_call_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     out["ray_start_s"] = round(time.perf_counter() - t0, 2)
