@@ -15,21 +15,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import stats
+from . import metrics
 
 from .cache_format import CacheArrays
 from .config import KIND_CASCADE, KIND_REFERENCE, KIND_STATIC
+from .cost_table import CostTable
 from .errors import MessError
 from .search_per_exit import eval_tree
 from .search_shared import eval_tree_shared
 from .search_spec import SearchSpec
 
-if TYPE_CHECKING:  # the cost model imports torchvision; trials only need the table's fields
-    from .costs import CostTable
 
 @dataclass
 class Prepared:
@@ -164,7 +162,7 @@ def block_metrics(prep: Prepared, kind: int, exits, tidx, counts, n_at) -> dict:
         "kind": np.full(m, kind, dtype=np.int8), "n_exits": np.full(m, k, dtype=np.int8),
         "exits": pad_columns(exits, prep.max_exits, -1), "tidx": pad_columns(tidx, prep.max_exits, -1),
         "n_at": pad_columns(n_at, prep.max_exits, 0), "n_final": n_final.astype(np.int64),
-        "miou": stats.miou_from_counts(tp, pred, prep.gt), "pixel_acc": stats.pixel_accuracy(tp, prep.gt),
+        "miou": metrics.miou_from_counts(tp, pred, prep.gt), "pixel_acc": metrics.pixel_accuracy(tp, prep.gt),
     }
     rows["macsum"] = _cost_sum(exits, n_at, n_final, prep.costs["macs"])
     rows["mean_gmacs"] = rows["macsum"] / prep.n / 1e9

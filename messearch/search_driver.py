@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -18,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.dataset as ds
 
 from .cache_format import CacheArrays, load_cache
 from .costs import mac_table
@@ -30,7 +27,8 @@ from . import search_size
 from .profile import load_profile
 from .provenance import policy_record, reconcile_space
 from .ray_runtime import connect
-from .search import Prepared, evaluate_items, prepare, reference_rows
+from .search import evaluate_items, prepare, reference_rows
+from .search_shard import _shard_trial, evaluate_shard
 from .search_spec import SearchSpec, assign_shards, plan_items
 from .shard_front import FrontSink, concat_rows
 from .space import load_space, space_from_text
@@ -38,29 +36,6 @@ from . import trust
 
 
 # ------------------------------------------------------------------------------------------ size and shards
-
-def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
-    """A function writing rows to a Parquet dataset partitioned by n_exits (files named by shard)."""
-    counter = [0]
-    ref = reference_rows(prep)
-
-    def write(rows: dict) -> None:
-        df = rows_to_frame(prep, rows, ref)
-        ds.write_dataset(pa.Table.from_pandas(df, preserve_index=False), str(keep_all_dir), format="parquet",
-                         partitioning=["n_exits"], partitioning_flavor="hive",
-                         basename_template=f"{tag}-{counter[0]}-{{i}}.parquet", existing_data_behavior="overwrite_or_ignore")
-        counter[0] += 1
-    return write
-
-
-def evaluate_shard(prep: Prepared, items, keep_all_dir=None, tag: str = "shard0", progress=None) -> tuple[dict, int]:
-    """Evaluate one shard's items: its non-dominated rows (ties kept) and the number of configurations evaluated."""
-    sink = FrontSink(prep, _keep_all_writer(prep, keep_all_dir, tag) if keep_all_dir is not None else None)
-    evaluate_items(prep, items, sink, progress)
-    if sink.keep_all:
-        sink.flush()
-    return sink.rows(), sink.n_evaluated
-
 
 def evaluate_configs(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shards: int = 1) -> pd.DataFrame:
     """Every configuration of the space (reference row first) with all front columns; for small spaces and checks.
@@ -100,28 +75,6 @@ def search_local(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, sha
 
 
 # ------------------------------------------------------------------------------------------------- Ray Tune
-
-def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, keep_all_dir=None):
-    """One Tune trial: evaluate the work items of config["shard"] ({index, items}), send its front candidates back
-    in a checkpoint."""
-    from ray import tune
-    shard, items = int(config["shard"]["index"]), [tuple(it) for it in config["shard"]["items"]]
-    prep = prepare(cache, spec, macs, latencies)
-    last = [0.0]
-
-    def progress(sink):
-        if time.monotonic() - last[0] > 1.0:   # a report costs a round trip: at most one a second
-            last[0] = time.monotonic()
-            tune.report({"n_evaluated": sink.n_evaluated, "front_size": sink.size, "done": False})
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    rows, n = evaluate_shard(prep, items, keep_all_dir, f"shard{shard}", progress)
-    with tempfile.TemporaryDirectory() as d:
-        np.savez(os.path.join(d, "rows.npz"), **(rows or {}))
-        tune.report({"n_evaluated": n, "front_size": len(rows.get("miou", [])), "done": True,
-                     "cpu_s": time.process_time() - cpu0, "eval_s": time.perf_counter() - wall0,
-                     "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
-                    checkpoint=tune.Checkpoint.from_directory(d))
-
 
 def _progress_callback(total: int):
     from ray import tune

@@ -4,7 +4,7 @@ costs to its prefix's in the order of search._cost_sum (ints for MACs, float64 f
 
 Compiled with numba (`cache=True`: Ray workers load the machine code instead of compiling it again). No
 fastmath: every float operation runs as written, in IEEE order, so the kernel's mIoU and costs are the floats
-numpy computes from the same integers (stats.miou_from_counts, search._cost_sum; tests/test_search checks).
+numpy computes from the same integers (metrics.miou_from_counts, search._cost_sum; tests/test_search checks).
 The cache's rows are int32 where every sum of them fits (search.prepare), padded to a multiple of 16 columns so
 that the adds vectorise without a scalar tail.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from . import stats
+from . import metrics
 from .config import KIND_CASCADE
 
 JIT = dict(cache=True, nogil=True)
@@ -25,7 +25,7 @@ ELITE_POINTS = 32        # more objectives: the last emitted points, a ring
 
 @nb.njit(**JIT)
 def miou_of(cnt, gt):
-    """stats.miou_from_counts of one configuration's counts cnt [W] (tp, pred, ...), in the same float steps."""
+    """metrics.miou_from_counts of one configuration's counts cnt [W] (tp, pred, ...), in the same float steps."""
     c = gt.shape[0]
     total = 0.0
     present = 0
@@ -167,18 +167,18 @@ class Output:
 
     def rows(self, prep, m: int, tree_t: np.ndarray) -> dict:
         """The first m rows written, as search rows (the form search.block_metrics returns); mIoU through
-        stats.miou_from_counts, which must equal the kernel's float for float."""
+        metrics.miou_from_counts, which must equal the kernel's float for float."""
         o_ex, o_st, o_na, o_cnt, o_mac, o_lat, o_miou = (a[:m] for a in self.arrays)
         c = prep.n_classes
         tp = o_cnt[:, :c]
-        miou = stats.miou_from_counts(tp, o_cnt[:, c:2 * c], prep.gt)
+        miou = metrics.miou_from_counts(tp, o_cnt[:, c:2 * c], prep.gt)
         if not np.array_equal(miou, o_miou):
-            raise AssertionError("the compiled kernel's mIoU differs from stats.miou_from_counts")
+            raise AssertionError("the compiled kernel's mIoU differs from metrics.miou_from_counts")
         rows = {
             "kind": np.full(m, KIND_CASCADE, dtype=np.int8), "n_exits": (o_ex >= 0).sum(axis=1).astype(np.int8),
             "exits": o_ex.copy(), "tidx": np.where(o_st >= 0, tree_t[np.maximum(o_st, 0)], -1),
             "n_at": o_na.copy(), "n_final": prep.n - o_cnt[:, -1], "miou": miou,
-            "pixel_acc": stats.pixel_accuracy(tp, prep.gt), "macsum": o_mac.copy(),
+            "pixel_acc": metrics.pixel_accuracy(tp, prep.gt), "macsum": o_mac.copy(),
         }
         rows["mean_gmacs"] = rows["macsum"] / prep.n / 1e9
         for i, dev in enumerate(prep.devices):

@@ -2,6 +2,7 @@
 import hidden inside a function (except the CLI's, which keep `messearch --help` fast)."""
 
 import ast
+import os
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "messearch"
@@ -79,7 +80,7 @@ def test_the_graph_sees_known_edges():
     """The walk really reads imports (relative, `from . import x`), so an empty cycle list means something."""
     _, edges = _imports()
     pairs = {(a, b) for a, b, _, _ in edges}
-    assert ("search", "stats") in pairs and ("cache", "cache_format") in pairs and ("search_driver", "front") in pairs
+    assert ("search", "metrics") in pairs and ("cache", "cache_format") in pairs and ("search_driver", "front") in pairs
 
 
 def test_no_function_local_package_imports():
@@ -110,3 +111,15 @@ def test_ray_is_imported_lazily():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             top_level_ray += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "ray"]
     assert not top_level_ray, top_level_ray
+
+
+def test_a_search_trial_imports_no_torch():
+    """A Tune trial of the search unpickles its arguments and runs search_shard: torch would cost seconds per trial."""
+    import subprocess
+    import sys
+    code = ("import pickle, sys; import messearch.search_shard; from messearch.cost_table import CostTable; "
+            "from messearch.cache_format import CacheArrays; from messearch.search_spec import SearchSpec; "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')], 'torch imported'")
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr

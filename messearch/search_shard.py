@@ -1,0 +1,63 @@
+"""One shard's evaluation: in this process (`evaluate_shard`) and as a Ray Tune trial (`_shard_trial`). It imports
+no torch (nor the cost model), so that a trial's process starts in a fraction of a second, not seconds."""
+
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from .front import rows_to_frame
+from .search import Prepared, evaluate_items, prepare, reference_rows
+from .shard_front import FrontSink
+
+
+def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
+    """A function writing rows to a Parquet dataset partitioned by n_exits (files named by shard)."""
+    counter = [0]
+    ref = reference_rows(prep)
+
+    def write(rows: dict) -> None:
+        df = rows_to_frame(prep, rows, ref)
+        ds.write_dataset(pa.Table.from_pandas(df, preserve_index=False), str(keep_all_dir), format="parquet",
+                         partitioning=["n_exits"], partitioning_flavor="hive",
+                         basename_template=f"{tag}-{counter[0]}-{{i}}.parquet", existing_data_behavior="overwrite_or_ignore")
+        counter[0] += 1
+    return write
+
+
+def evaluate_shard(prep: Prepared, items, keep_all_dir=None, tag: str = "shard0", progress=None) -> tuple[dict, int]:
+    """Evaluate one shard's items: its non-dominated rows (ties kept) and the number of configurations evaluated."""
+    sink = FrontSink(prep, _keep_all_writer(prep, keep_all_dir, tag) if keep_all_dir is not None else None)
+    evaluate_items(prep, items, sink, progress)
+    if sink.keep_all:
+        sink.flush()
+    return sink.rows(), sink.n_evaluated
+
+
+
+def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, keep_all_dir=None):
+    """One Tune trial: evaluate the work items of config["shard"] ({index, items}), send its front candidates back
+    in a checkpoint."""
+    from ray import tune
+    shard, items = int(config["shard"]["index"]), [tuple(it) for it in config["shard"]["items"]]
+    prep = prepare(cache, spec, macs, latencies)
+    last = [0.0]
+
+    def progress(sink):
+        if time.monotonic() - last[0] > 1.0:   # a report costs a round trip: at most one a second
+            last[0] = time.monotonic()
+            tune.report({"n_evaluated": sink.n_evaluated, "front_size": sink.size, "done": False})
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    rows, n = evaluate_shard(prep, items, keep_all_dir, f"shard{shard}", progress)
+    with tempfile.TemporaryDirectory() as d:
+        np.savez(os.path.join(d, "rows.npz"), **(rows or {}))
+        tune.report({"n_evaluated": n, "front_size": len(rows.get("miou", [])), "done": True,
+                     "cpu_s": time.process_time() - cpu0, "eval_s": time.perf_counter() - wall0,
+                     "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+                    checkpoint=tune.Checkpoint.from_directory(d))
