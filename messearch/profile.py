@@ -80,7 +80,8 @@ def profile_latency(checkpoint, device: str = "cpu", batch_size: int = 1, out=No
     meta = {"format": FORMAT, "device": str(device), "device_name": device_name(dev), "batch_size": str(batch_size),
             "torch_version": str(torch.__version__), "threads": str(threads), "input_size": json.dumps(list(size)),
             "positions": json.dumps(net.positions), "heads": json.dumps([h.name for h in space.heads]),
-            "space_name": space.name, "checkpoint_sha256": sha256_file(checkpoint), "min_run_time": str(min_run_time)}
+            "space_name": space.name, "model": space.model, "checkpoint_sha256": sha256_file(checkpoint),
+            "min_run_time": str(min_run_time)}
     df.attrs.update(meta)
     if out is not None:
         table = pa.Table.from_pandas(df, preserve_index=False)
@@ -103,6 +104,20 @@ def read_profile(path) -> tuple[dict, "object"]:
     if meta.get("format") != FORMAT:
         raise MessError(f"{path}: not a messearch latency profile (expected format {FORMAT!r})")
     return meta, table.to_pandas()
+
+
+def check_profile_fits(path, space) -> None:
+    """MessError naming the file, field and both values unless the profile was measured for this space's model and
+    input size at batch size 1 (the front's latencies are per image). Profiles without a model record pass that field."""
+    meta, _ = read_profile(path)
+    want = {"input_size": json.dumps(list(space.input_size)), "batch_size": "1", "model": space.model}
+    for key, value in want.items():
+        got = meta.get(key)
+        if got is None and key == "model":
+            continue
+        if got != value:
+            raise MessError(f"{path}: the profile's {key} is {got}, the cache's space needs {value} "
+                            f"(profile again: messearch profile --checkpoint ... --batch-size 1)")
 
 
 def load_profile(path) -> tuple[str, CostTable]:

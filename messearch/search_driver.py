@@ -21,14 +21,14 @@ import pandas as pd
 from .cache_format import CacheArrays, load_cache
 from .costs import mac_table
 from .errors import MessError
-from .files import sha256_text
+from .files import atomic_write_text, sha256_text
 from .front import finish_front, rows_to_frame, write_front
 from . import search_size
-from .profile import load_profile
+from .profile import check_profile_fits, load_profile
 from .provenance import policy_record, reconcile_space
 from .ray_runtime import connect
 from .search import evaluate_items, prepare, reference_rows
-from .search_shard import _shard_trial, evaluate_shard
+from .search_shard import _shard_trial, evaluate_shard, fresh_keep_all
 from .search_spec import SearchSpec, assign_shards, plan_items
 from .shard_front import FrontSink, concat_rows
 from .space import load_space, space_from_text
@@ -54,10 +54,17 @@ def evaluate_configs(cache: CacheArrays, spec: SearchSpec, macs, latencies=None,
     return rows_to_frame(prep, concat_rows([ref] + parts), ref)
 
 
+def _check_shards(shards) -> None:
+    """MessError unless the shard count is a whole number >= 1."""
+    if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
+        raise MessError(f"shards {shards!r} must be a whole number >= 1")
+
+
 def search_local(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shards: int = 1, keep_all_dir=None,
                  force: bool = False, verbose: bool = False) -> pd.DataFrame:
     """The search without Ray: the same shards and merge, run one after another in this process."""
     t0 = time.perf_counter()
+    _check_shards(shards)
     prep = prepare(cache, spec, macs, latencies)
     items = plan_items(spec)
     est = search_size.estimate(prep, spec, items, 1)
@@ -65,6 +72,7 @@ def search_local(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, sha
     if verbose:
         print(f"search: {search_size.describe(est)}", file=sys.stderr, flush=True)
     parts, total = [], 0
+    fresh_keep_all(keep_all_dir)
     for i, items in enumerate(assign_shards(items, shards)):
         rows, n = evaluate_shard(prep, items, keep_all_dir, f"shard{i}")
         parts.append(rows)
@@ -117,6 +125,8 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     n_evaluated and seconds. resume=True continues the run stored at storage_path/name (Tuner.restore).
     """
     t0 = time.perf_counter()
+    if shards is not None:
+        _check_shards(shards)
     ray = connect(address, what="`messearch search` (Ray Tune)", instead="search in this process with --local")
     from ray import tune
     cores = int(ray.cluster_resources().get("CPU", 1))
@@ -153,7 +163,8 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     else:
         shutil.rmtree(exp, ignore_errors=True)   # never mix trials of an earlier run into this one
         Path(storage_path).mkdir(parents=True, exist_ok=True)
-        key_file.write_text(json.dumps({"key": key, "n_shards": n_shards}))
+        atomic_write_text(key_file, json.dumps({"key": key, "n_shards": n_shards}))
+        fresh_keep_all(keep_all_dir)
         tuner = tune.Tuner(
             trainable, param_space={"shard": tune.grid_search(work)},
             tune_config=tune.TuneConfig(reuse_actors=True),
@@ -245,6 +256,7 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
     for path in opts.profiles:
         # The file's stem (profiles/<device>.parquet) names the column latency_ms_<device>: short and typeable.
         device_name, table = load_profile(path)
+        check_profile_fits(path, space)
         key = Path(path).stem
         if key in latencies:
             raise MessError(f"{path}: two profiles named {key!r}; name each profile file after its device")

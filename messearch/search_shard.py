@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,16 +19,29 @@ from .search import Prepared, evaluate_items, prepare, reference_rows
 from .shard_front import FrontSink
 
 
+def fresh_keep_all(keep_all_dir) -> None:
+    """Empty the --keep-all folder before a search that is not resumed: its files must be this run's only."""
+    if keep_all_dir is not None:
+        shutil.rmtree(keep_all_dir, ignore_errors=True)
+
+
 def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
-    """A function writing rows to a Parquet dataset partitioned by n_exits (files named by shard)."""
+    """A function writing rows to a Parquet dataset partitioned by n_exits (files named by shard), each file
+    atomically: written in a hidden folder (which readers skip), then moved into its partition."""
     counter = [0]
     ref = reference_rows(prep)
 
     def write(rows: dict) -> None:
         df = rows_to_frame(prep, rows, ref)
-        ds.write_dataset(pa.Table.from_pandas(df, preserve_index=False), str(keep_all_dir), format="parquet",
+        tmp = Path(keep_all_dir) / f".{tag}-{counter[0]}.tmp"
+        ds.write_dataset(pa.Table.from_pandas(df, preserve_index=False), str(tmp), format="parquet",
                          partitioning=["n_exits"], partitioning_flavor="hive",
                          basename_template=f"{tag}-{counter[0]}-{{i}}.parquet", existing_data_behavior="overwrite_or_ignore")
+        for f in sorted(tmp.rglob("*.parquet")):
+            dest = Path(keep_all_dir) / f.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+        shutil.rmtree(tmp)
         counter[0] += 1
     return write
 

@@ -73,8 +73,10 @@ def estimate(prep: Prepared, spec: SearchSpec, items: list[tuple], cores: int, s
 
 
 def n_shards(est: dict, cores: int) -> int:
-    """Enough shards for every core, and for no shard to evaluate for more than about TRIAL_SECONDS."""
-    return max(1, int(cores), math.ceil(est["cpu_seconds"] / TRIAL_SECONDS))
+    """Enough shards for no shard to evaluate for more than about TRIAL_SECONDS, in whole rounds of the cores
+    (3 equal shards on 2 cores take 2 rounds, as 4 do)."""
+    cores = max(1, int(cores))
+    return cores * math.ceil(max(1, math.ceil(est["cpu_seconds"] / TRIAL_SECONDS)) / cores)
 
 
 def human_seconds(s: float) -> str:

@@ -47,6 +47,11 @@ class SearchSpec:
         thr = [float(t) for t in self.thresholds]
         if not thr or len(set(thr)) != len(thr) or not all(math.isfinite(t) for t in thr):
             raise MessError(f"thresholds {list(self.thresholds)} must be a non-empty list of distinct finite numbers")
+        budgets = {"max_gmacs": self.max_gmacs, "min_miou": self.min_miou, "max_miou_drop_pp": self.max_miou_drop_pp}
+        budgets.update({f"max_latency_ms[{d}]": v for d, v in self.max_latency_ms.items()})
+        for name, value in budgets.items():
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise MessError(f"{name} {value!r} must be a finite number (or absent)")
 
     def n_configs(self) -> int:
         """Configurations in the space, the reference row excluded."""

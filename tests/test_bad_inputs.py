@@ -366,8 +366,8 @@ def _checkpoint_edit(edit):
     return setup
 
 
-def _profile_without(key: str):
-    """A real profile of the checkpoint, its metadata field `key` removed."""
+def _profile_without(key: str, value: str | None = None):
+    """A real profile of the checkpoint, its metadata field `key` removed (or set to `value`)."""
     def setup(env, tmp):
         import pyarrow.parquet as pq
 
@@ -375,8 +375,10 @@ def _profile_without(key: str):
 
         profile_latency(env["ckpt"], out=tmp / "cpu.parquet", min_run_time=0.01, progress=False)
         t = pq.read_table(tmp / "cpu.parquet")
-        pq.write_table(t.replace_schema_metadata({k: v for k, v in t.schema.metadata.items() if k != key.encode()}),
-                       tmp / "cpu.parquet")
+        meta = {k: v for k, v in t.schema.metadata.items() if k != key.encode()}
+        if value is not None:
+            meta[key.encode()] = value.encode()
+        pq.write_table(t.replace_schema_metadata(meta), tmp / "cpu.parquet")
         return {}
     return setup
 
@@ -405,6 +407,15 @@ ROWS += [
     ("search-profile-without-positions", _profile_without("positions"),
      ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--local", "--profile", "{tmp}/cpu.parquet"], 2,
      "cpu.parquet: metadata field 'positions' missing or malformed"),
+    ("search-profile-at-batch-8", _profile_without("batch_size", "8"),
+     ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--local", "--profile", "{tmp}/cpu.parquet"], 2,
+     "cpu.parquet: the profile's batch_size is 8, the cache's space needs 1"),
+    ("search-profile-of-another-input-size", _profile_without("input_size", "[512, 512]"),
+     ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--local", "--profile", "{tmp}/cpu.parquet"], 2,
+     "cpu.parquet: the profile's input_size is [512, 512], the cache's space needs ["),
+    ("search-profile-of-another-model", _profile_without("model", "fcn_resnet50"),
+     ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--local", "--profile", "{tmp}/cpu.parquet"], 2,
+     "cpu.parquet: the profile's model is fcn_resnet50, the cache's space needs "),
     # --- the mean policy's pixel limit, enforced as its class limit is
     ("space-mean-beyond-4-mpixel", space_with("input_size: [2048, 4096]"), ["info", "{s}", "--no-estimate"], 2,
      "field 'input_size': bad value [2048, 4096]; allowed: at most 4194304 pixels (4 Mpixel; here 8388608)"),

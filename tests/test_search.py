@@ -312,6 +312,9 @@ BAD_SPECS = {
                                        thresholds_mode="per-exit"), "--force"),
     "latency without profile": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), max_latency_ms={"gpu": 1.0}),
                                 "without a profile"),
+    "NaN budget": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), max_gmacs=float("nan")), "max_gmacs nan"),
+    "infinite latency budget": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), max_latency_ms={"cpu": math.inf}),
+                                r"max_latency_ms\[cpu\] inf"),
 }
 
 
@@ -322,6 +325,14 @@ def test_bad_input_is_named(case):
     make_spec, named = BAD_SPECS[case]
     with pytest.raises(MessError, match=named):
         search_local(cache, make_spec(cache), macs)
+
+
+@pytest.mark.parametrize("shards", [0, -1, 1.5])
+def test_a_shard_count_below_one_is_named(shards):
+    cache = make_cache(0, 2, 1, 3, 2)
+    macs = make_costs(0, cache.positions, cache.heads)
+    with pytest.raises(MessError, match=f"shards {shards!r} must be a whole number >= 1"):
+        search_local(cache, SearchSpec(cache.positions, cache.heads, (0.5,)), macs, shards=shards)
 
 
 def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_path):
@@ -390,6 +401,13 @@ def test_keep_all_writes_every_configuration_in_chunks(tmp_path, monkeypatch):
     want = evaluate_configs(cache, spec, macs).query("not is_reference").sort_values("config_id").reset_index(drop=True)
     assert list(every["config_id"]) == list(want["config_id"])
     assert every["miou"].tolist() == want["miou"].tolist() and every["mean_gmacs"].tolist() == want["mean_gmacs"].tolist()
+    # a second run with another shard count and fewer exits replaces the first run's files; no temporary is left
+    spec2 = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5), max_exits=2,
+                       thresholds_mode="per-exit")
+    search_local(cache, spec2, macs, shards=1, keep_all_dir=tmp_path / "all")
+    again = pd.read_parquet(tmp_path / "all")
+    assert len(again) == spec2.n_configs() and again["config_id"].is_unique
+    assert not [p for p in (tmp_path / "all").rglob("*") if p.name.startswith(".")]
 
 
 def test_size_estimate_from_a_measured_rate_refuses_an_hour_without_force_or_cluster():
