@@ -122,7 +122,7 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: di
 def _check_exact(diff: np.ndarray) -> bool:
     """MessError unless every sum of counts is an integer below 2**53 (exact in float64, as the metrics need);
     whether a sum of some images' rows can pass int32 (the kernels then add in int64)."""
-    bound = int(np.abs(diff).max(axis=(1, 2)).sum()) + 1 if diff.size else 1
+    bound = int(np.maximum(np.abs(diff).max(axis=(1, 2)), 1).sum()) if diff.size else 1   # >= 1: the exit counter
     if bound >= 2 ** 53:
         raise MessError(f"pixel counts too large for exact sums ({bound}); use a smaller split per cache")
     return bound >= 2 ** 31
