@@ -21,8 +21,8 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
                   ist):
     """Every cascade of the tree (first exit at position p1 with a first step where first[t]), depth first; pauses
     (returns) when the output buffer could overflow and resumes from `state`; ist[6] = 1 when done."""
-    (nextc, curc, tnext, leaf, leaf_t, pe, pt, pn, cnt, ext, lst, nl, hist, run, leaf_row, order, off, ex, st, na, hm, am, amt,
-     hl, al, alt, lat2) = state
+    (nextc, curc, tnext, leaf, leaf_t, pe, pt, pn, cnt, ext, lst, nl, hist, run, leaf_row, order, off, ex, st, na,
+     hm, am, amt, hl, al, alt, lat2) = state
     n, gt, mbb, mhd, mk, lbb, lhd, lk = model
     n_exit, _, wp = x.shape
     col = 2 * gt.shape[0]   # the exit counter: images that left at an exit so far
@@ -66,7 +66,8 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
                     macsum = a + nf * ((mk[0] + h) + mk[1])
                     for d in range(n_dev):
                         hd = lat2[d]
-                        lat[d] = (alt[j, t2, d] + np.float64(nat) * (lbb[d, c3] + hd)) + np.float64(nf) * ((lk[d, 0] + hd) + lk[d, 1])
+                        ad = alt[j, t2, d] + np.float64(nat) * (lbb[d, c3] + hd)
+                        lat[d] = ad + np.float64(nf) * ((lk[d, 0] + hd) + lk[d, 1])
                     miou = sk.miou_of(leaf_row, gt)
                     ist[2] += 1
                     if sk.keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
@@ -188,7 +189,8 @@ def eval_tree(prep, roots, sink) -> None:
     leaf = np.full(k + 1, prep.n_exits, np.int64)
     z = [np.zeros(k + 1, np.int64) for _ in range(4)]
     ints = [np.zeros(k, np.int64) for _ in range(3)]
-    state = (nextc, z[0], tnext, leaf, np.zeros(k + 1, np.int64), z[1], z[2], z[3], cnt, np.zeros((k + 1, steps, wp), np.int64), lst, nl,
+    state = (nextc, z[0], tnext, leaf, np.zeros(k + 1, np.int64), z[1], z[2], z[3], cnt,
+             np.zeros((k + 1, steps, wp), np.int64), lst, nl,
              np.zeros((steps + 1, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), np.zeros(wp, np.int64),
              np.zeros(n, np.int64), np.zeros(steps + 2, np.int64), *ints,
              np.zeros(k + 1, np.int64), np.zeros(k + 1, np.int64), np.zeros((k + 1, steps), np.int64),
