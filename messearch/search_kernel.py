@@ -2,11 +2,13 @@
 exact integer counts, the Pareto pre-filter, the output buffer, and its rows. The kernels add a configuration's
 costs to its prefix's in the order of search._cost_sum (ints for MACs, float64 for latencies).
 
-Compiled with numba (`cache=True`: Ray workers load the machine code instead of compiling it again). No
+Compiled with numba (`cache=True`: Ray workers load the machine code instead of compiling it again; numba's
+cache tracks a kernel's own file only, so after editing this module touch search_shared.py and
+search_per_exit.py too, or delete messearch/__pycache__/*.nbi). No
 fastmath: every float operation runs as written, in IEEE order, so the kernel's mIoU and costs are the floats
 numpy computes from the same integers (metrics.miou_from_counts, search._cost_sum; tests/test_search checks).
-The cache's rows are int32 where every sum of them fits (search.prepare), padded to a multiple of 16 columns so
-that the adds vectorise without a scalar tail.
+The cache's rows are int32 where every sum of them fits (search.prepare), padded to a multiple of 16 columns
+(whole SIMD vectors: measured faster than the odd width, 2 x classes + 1).
 """
 
 from __future__ import annotations
@@ -160,10 +162,6 @@ class Output:
         self.stair = np.empty((2, STAIR_POINTS))
         self.elite = np.empty((ELITE_POINTS, 2 + d))
         self.scratch = (np.empty(2 + d), np.empty(d))
-
-    @property
-    def cap(self) -> int:
-        return len(self.arrays[4])
 
     def rows(self, prep, m: int, tree_t: np.ndarray) -> dict:
         """The first m rows written, as search rows (the form search.block_metrics returns); mIoU through
