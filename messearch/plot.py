@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .front import cheapest_within, latency_devices_of, read_front
+from .errors import MessError
 from .files import atomic_path
 
 
@@ -76,6 +77,10 @@ def plot_file(front_path: str | Path, out: str | Path) -> Path:
     all_points = None
     keep = meta.get("keep_all_dir")
     if keep and Path(keep).exists():
-        all_points = pd.read_parquet(keep)
+        try:
+            all_points = pd.read_parquet(keep)
+        except Exception as e:   # a damaged file in the --keep-all folder: name it, no traceback
+            raise MessError(f"{keep}: the --keep-all points are not readable ({type(e).__name__}: {e}); "
+                            "search again with --keep-all, or delete the folder to plot the front alone") from None
     title = f"{Path(meta.get('space_source', 'front')).stem}: MESS configurations on {meta.get('data', '?')}"
     return plot_front(front, out, all_points=all_points, title=title)

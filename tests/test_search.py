@@ -474,3 +474,21 @@ def test_the_kernels_hand_over_few_rows_and_count_every_configuration():
         sink.take = lambda rows, n: (taken.append(len(rows["miou"])), take(rows, n))
         evaluate_items(prep, plan_items(spec), sink)
         assert sink.n_evaluated == spec.n_configs() and 0 < sum(taken) < spec.n_configs() / 5, (mode, sum(taken))
+
+
+def test_plot_names_a_damaged_keep_all_folder(tmp_path):
+    from messearch.plot import plot_file
+    cache = make_cache(5, 2, 2, 6, 3)
+    macs = make_costs(5, cache.positions, cache.heads)
+    spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.7), max_exits=2)
+    keep = tmp_path / "pareto_all"
+    df = search_local(cache, spec, macs, keep_all_dir=keep)
+    out = tmp_path / "pareto.parquet"
+    write_front(df, out, {"space_text": "x: 1", "space_source": "s.yaml", "checkpoint_sha256": "ab",
+                          "cache_sha256": "cd", "mode": spec.mode, "thresholds": spec.thresholds_mode,
+                          "keep_all_dir": str(keep)})
+    assert plot_file(out, tmp_path / "ok.png").exists()
+    victim = sorted(keep.rglob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])   # a file cut short, as by a crash mid-write before this change
+    with pytest.raises(MessError, match="pareto_all: the --keep-all points are not readable"):
+        plot_file(out, tmp_path / "bad.png")
