@@ -118,6 +118,24 @@ def keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
 
 
 @nb.njit(**JIT)
+def next_exit(ist, cur, j, first_end, n_exit, steps, cap):
+    """One step of a kernel's depth-first walk at depth j: the next exit to add there (cur[j] advanced), or -1 to
+    return (done, ist[6] = 1; or paused: the next exit's `steps` rows could overflow the buffer of `cap`), or -2
+    when depth j has no exit left (the walk goes up: ist[0] = j - 1). Depth 0 tries exits below first_end."""
+    c = cur[j]
+    if c >= (first_end if j == 0 else n_exit):
+        if j == 0:
+            ist[6] = 1
+            return -1
+        ist[0] = j - 1
+        return -2
+    if ist[1] + steps > cap:
+        return -1
+    cur[j] = c + 1
+    return c
+
+
+@nb.njit(**JIT)
 def write(out, ist, ex, st, na, k, cnt, macsum, lat, miou):
     """Append one configuration (exits ex[:k], threshold steps st[:k], images leaving na[:k], counts cnt) to out."""
     o_ex, o_st, o_na, o_cnt, o_mac, o_lat, o_miou = out

@@ -100,16 +100,11 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
             tnext[j + 1] = steps
             ist[0] = j + 1
             continue
-        c = nextc[j]
-        if c >= ((p1 + 1) * heads if j == 0 else n_exit):
-            if j == 0:
-                ist[6] = 1
-                return
-            ist[0] = j - 1
-            continue
-        if ist[1] + steps > cap:
+        c = sk.next_exit(ist, nextc, j, (p1 + 1) * heads, n_exit, steps, cap)
+        if c == -1:
             return
-        nextc[j] = c + 1
+        if c == -2:
+            continue
         # exit c at step t takes the survivors whose bin is above t: a histogram by bin, summed from the top
         hist[:, :] = 0
         for q in range(nl[j]):

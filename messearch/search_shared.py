@@ -34,16 +34,11 @@ def shared_tree(x, b, p1, heads, max_exits, model, state, out, emit_all, pf, sta
     n_dev = lat.shape[0]
     while True:
         j = ist[0]
-        c = cur[j]
-        if c >= ((p1 + 1) * heads if j == 0 else n_exit):
-            if j == 0:
-                ist[6] = 1
-                return
-            ist[0] = j - 1
-            continue
-        if ist[1] + steps > cap:
+        c = sk.next_exit(ist, cur, j, (p1 + 1) * heads, n_exit, steps, cap)
+        if c == -1:
             return
-        cur[j] = c + 1
+        if c == -2:
+            continue
         # the images exit c takes at step t: s <= t < b[c]; +x at s, -x at b[c] (row `steps` is never read)
         diff[:, :] = 0
         for q in range(nl[j]):
