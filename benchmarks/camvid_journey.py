@@ -1,6 +1,6 @@
 """The whole journey on real images: CamVid, thresholds and configurations chosen on val.
 
-CPU (from scratch; 12 + 2 epochs took 68 CPU-minutes, the space's 28 + 4 need about 3 CPU-hours):
+CPU (from scratch; the space's 24 + 4 epochs: stage 1 about 45 minutes on two cores, results/README.md):
                 nice -n 10 python benchmarks/camvid_journey.py --space camvid_lraspp_resnet18 --out results/camvid_cpu
 GPU (full):     python benchmarks/camvid_journey.py --space messearch/spaces/camvid_deeplabv3_resnet50.yaml --device cuda --out results/camvid_r50
 

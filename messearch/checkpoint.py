@@ -34,7 +34,8 @@ def save_checkpoint(path, net: MESSNetwork, data_spec: str, exit_miou: dict | No
         "space_source": net.space.source,
         "data": data_spec,
         "exits": [list(e) for e in net.exits],
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        # contiguous: training may run channels_last; the file stays in one layout whatever trained it
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
         "exit_miou": dict(exit_miou or {}),
         "versions": versions(),
         "extra": dict(extra or {}),

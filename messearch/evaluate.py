@@ -126,6 +126,27 @@ def evaluate(model_or_path, data_spec: str, split: str = "val", device: str = "c
         return _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progress, compare_batch1,
                          limit, max(1, int(repeat)))
     finally:
+        if threads:
+            torch.set_num_threads(before)
+
+
+def evaluate_side_by_side(models: list, data_spec: str, split: str = "val", device: str = "cpu", threads: int = 1,
+                          **kwargs) -> list[EvaluationResult]:
+    """evaluate() of several models, each in its own Python thread when the CPU has `threads` cores for each (torch
+    releases the GIL), else one after another; the figures equal evaluate()'s one by one (same kernels, same thread
+    count), the latencies are measured side by side."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    if parse_device(device).type != "cpu" or len(models) * int(threads) > (os.cpu_count() or 1):
+        return [evaluate(m, data_spec, split, device=device, threads=threads, **kwargs) for m in models]
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))   # once, before the threads start: a thread's set would race the others'
+    try:
+        with ThreadPoolExecutor(len(models)) as pool:
+            jobs = [pool.submit(evaluate, m, data_spec, split, device=device, threads=None, **kwargs) for m in models]
+            return [j.result() for j in jobs]
+    finally:
         torch.set_num_threads(before)
 
 

@@ -17,7 +17,7 @@ from .config import exits_text
 from .data import check_dataset
 from .devices import device_kind
 from .errors import MessError
-from .evaluate import evaluate
+from .evaluate import evaluate_side_by_side
 from .exit_quality import single_exit_miou, structure_report
 from .export import export_model, load_exported
 from .files import atomic_write_text, sha256_file, sha256_text
@@ -190,8 +190,8 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
         _say("evaluate: the exported model and the original, batch 1, on the cached split")
         # Equal numerics: the cache's batch size and torch thread count (CPU convolutions pick kernels by threads).
         threads = (cache.meta.get("workers") or [{}])[0].get("threads", 1)
-        measured = evaluate(str(model_path), data, "val", device=device, progress=False, threads=threads)
-        original = evaluate(str(ckpt), data, "val", device=device, progress=False, threads=threads)
+        measured, original = evaluate_side_by_side([str(model_path), str(ckpt)], data, "val", device=device,
+                                                   progress=False, threads=threads)
         summary["measured"] = {k: getattr(measured, k) for k in ("miou", "pixel_acc", "exit_rates", "mean_gmacs",
                                                        "latency_ms_median", "latency_ms_p90")}
         summary["measured_reference"] = {k: getattr(original, k) for k in ("miou", "mean_gmacs", "latency_ms_median")}

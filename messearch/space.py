@@ -56,6 +56,7 @@ class TrainSpec:
     num_workers: int = 0
     train_images: int = 0           # use only the first N training images (0: all); tiny CPU runs
     val_images: int = 0             # use only the first N validation images (0: all)
+    head_val_every: int = 1         # stages 2 / joint: validate every head after each Nth epoch and the last (0: last)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ every stage's epochs, a validation pass, the resume state, the CSV/TensorBoard l
 from __future__ import annotations
 
 import csv
+import os
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .checkpoint import save_checkpoint
 from .data import build_dataset
 from .errors import MessError
-from .files import atomic_write_bytes, atomic_write_text, load_weights_only
+from .files import atomic_path, atomic_write_text, load_weights_only
 from .model import MESSNetwork
 from .space import Space, space_from_text
 from .train_stages import (JOINT, PLAIN, STAGE1, STAGE2, LossWeights, Runtime, StageModule, build_aux_exits,
@@ -67,10 +68,13 @@ def read_state(path: Path, fingerprint: dict) -> dict:
     return state
 
 
-def _bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def _save_atomic(path: Path, obj) -> None:
+    # torch.save straight into the temporary file: no in-memory copy of a state of optimizer moments and weights
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _loaders(space: Space, data_spec: str, rt: Runtime, num_workers: int):
@@ -111,6 +115,21 @@ def _tensorboard(out: Path):
     except ImportError:  # tensorboard is optional: the CSV has everything
         return None
     return SummaryWriter(str(out / "tensorboard"))
+
+
+def heads_due(stage: str, epoch: int, epochs: int, every: int) -> bool:
+    """Whether the candidate heads are validated after this epoch (1-based): in stages that train them, after every
+    `every`-th epoch and always after the last (every 0: the last only)."""
+    if stage not in (STAGE2, JOINT):
+        return False
+    return epoch == epochs or (every > 0 and epoch % every == 0)
+
+
+def _validate(net, val_loader, rt: Runtime, stage: str, heads: bool, aux, max_steps, last: dict) -> dict:
+    # Stage 2 between its head validations has nothing new to measure (the final head is frozen): its figures stay.
+    if stage == STAGE2 and not heads:
+        return {"final": last["final"]} if "final" in last else {}
+    return validate_exits(net, val_loader, rt, heads=heads, aux=aux, max_steps=max_steps)
 
 
 def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda l: l, on_epoch_end=None) -> Path:
@@ -166,8 +185,9 @@ def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda
             seconds[stage] = seconds.get(stage, 0.0) + stats["seconds"]
             row = {"stage": stage, "epoch": epoch + 1, "lr": lr_now, **stats,
                    "images_per_s": stats["images"] * rt.world_size / max(stats["seconds"], 1e-9)}
+            heads_now = heads_due(stage, epoch + 1, epochs, t.head_val_every)
             if rt.is_main:
-                miou = validate_exits(net, val_loader, rt, heads=stage in (STAGE2, JOINT), aux=aux, max_steps=plan.max_steps)
+                miou = _validate(net, val_loader, rt, stage, heads_now, aux, plan.max_steps, miou)
                 row.update({f"miou:{k}": v for k, v in miou.items()})
                 rows.append(row)
                 atomic_write_text(out / "train_log.csv", _csv_text(rows, columns))
@@ -176,13 +196,17 @@ def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda
                     for k, v in row.items():
                         if k.startswith("miou:") or k in ("loss", "lr", "images_per_s"):
                             writer.add_scalar(k.replace(":", "/"), v, step)
-                atomic_write_bytes(out / "train_state.pt", _bytes({
+                _save_atomic(out / "train_state.pt", {
                     "format": STATE_FORMAT, "fingerprint": plan.fingerprint, "stage_index": i, "epoch": epoch + 1,
                     "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                     "aux": None if aux is None else {k: v.detach().cpu() for k, v in aux.state_dict().items()},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "log": rows, "seconds": seconds, "miou": miou}))
+                    "log": rows, "seconds": seconds, "miou": miou})
             if on_epoch_end is not None and on_epoch_end(stage, epoch + 1, row):
+                if rt.is_main and stage in (STAGE2, JOINT) and not heads_now:   # its heads need their figures
+                    miou = _validate(net, val_loader, rt, stage, True, aux, plan.max_steps, miou)
+                    row.update({f"miou:{k}": v for k, v in miou.items()})
+                    atomic_write_text(out / "train_log.csv", _csv_text(rows, columns))
                 break   # the caller's time is spent: end this stage here (train_state.pt says where)
     path = out / "mess.pt"
     if rt.is_main:

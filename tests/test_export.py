@@ -25,7 +25,7 @@ from messearch.costs import mac_table
 from messearch.data import build_dataset, class_names
 from messearch.dataset import IMAGENET_MEAN, IMAGENET_STD
 from messearch.errors import MessError
-from messearch.evaluate import evaluate
+from messearch.evaluate import evaluate, evaluate_side_by_side
 from messearch.config import Config
 from messearch.export import export_config, export_model, load_exported, save_exported
 from messearch.files import sha256_file
@@ -170,6 +170,19 @@ def test_exact_fidelity_every_kind(run, policy):
             assert getattr(got, key) == want[key], (cfg, key)
         if cfg.kind == "cascade":  # the thresholds really split the images
             assert 0 < got.exit_counts[-1] < len(run["ds"]), cfg
+
+
+def test_side_by_side_evaluation_equals_one_by_one(run):
+    """Two exported models evaluated at once, a thread each (the pipeline's evaluate stage), give exactly the figures
+    that evaluating them one by one gives."""
+    space = _space("mean")
+    models = [export_config(run["net"], space, cfg, {"config_id": cfg.config_id}, space.policy)
+              for cfg in _configs(run, space.policy)[2:4]]
+    together = evaluate_side_by_side(models, DATA, "val", threads=1, warmup=0, progress=False)
+    for model, got in zip(models, together):
+        want = evaluate(model, DATA, "val", warmup=0, progress=False, threads=1)
+        for key in ("tp", "pred", "gt", "exits", "macs", "miou", "exit_rates", "torch_threads"):
+            assert getattr(got, key) == getattr(want, key), key
 
 
 def test_pruned_modules_only(run):

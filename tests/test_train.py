@@ -223,3 +223,28 @@ def test_on_epoch_end_returning_true_ends_that_stage_cleanly(tmp_path):
     payload = torch.load(path, weights_only=True)
     assert payload["extra"]["heads_trained"] and len(payload["exit_miou"]) == len(net.exits) + 1
     assert (tmp_path / "train_log.csv").read_text().count("\n") == 1 + 3
+
+
+def test_head_val_every_zero_validates_heads_after_the_last_epoch_or_an_early_end(tmp_path):
+    """head_val_every: 0 validates stage 2's heads after its last epoch only (the other stage-2 rows carry the frozen
+    final head's figure), or after the epoch where a caller's budget ends the stage; mess.pt has every head's mIoU."""
+    import csv
+
+    text = TINY.format(classes=4, e1=1, e2=3, n=8).replace("val_images: 8}", "val_images: 8, head_val_every: 0}")
+    space = space_from_text(text, "tiny.yaml")
+    head = "miou:backbone.layer1.1/lin"
+
+    def log(run):
+        with open(tmp_path / run / "train_log.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    path = train(space, DATA, tmp_path / "a", progress=False, max_steps=1)
+    rows = log("a")
+    assert [r["stage"] for r in rows] == ["1", "2", "2", "2"]
+    assert [bool(r[head]) for r in rows] == [False, False, False, True]
+    assert len({r["miou:final"] for r in rows}) == 1   # the final head is frozen in stage 2
+    n_exits = len(load_checkpoint(path)[0].exits)
+    assert len(torch.load(path, weights_only=True)["exit_miou"]) == n_exits + 1
+    path = train(space, DATA, tmp_path / "b", progress=False, max_steps=1, on_epoch_end=lambda s, e, r: s == "2")
+    assert [bool(r[head]) for r in log("b")] == [False, True]
+    assert len(torch.load(path, weights_only=True)["exit_miou"]) == n_exits + 1
