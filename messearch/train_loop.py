@@ -7,8 +7,8 @@ every stage's epochs, a validation pass, the resume state, the CSV/TensorBoard l
 from __future__ import annotations
 
 import csv
-import os
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
