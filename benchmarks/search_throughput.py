@@ -3,8 +3,9 @@
 Reference cache: 500 images, deeplabv3_resnet50 at 520x520 (16 candidate positions: every Bottleneck block),
 8 head variants, up to 3 early exits, 21 classes. Shared mode: 20 thresholds (5,890,560 configurations);
 per-exit mode: 10 thresholds per exit (287,489,280 configurations). For each mode: the whole search through
-Ray Tune (Ray start timed apart, then search to Parquet written), the evaluator's configurations per CPU-second
-(summed over the trials), each shard's evaluation time, and peak memory (driver and largest trial process).
+Ray Tune (Ray start and the driver's import of Ray Tune timed apart, then search to Parquet written), the
+evaluator's configurations per CPU-second (summed over the trials), each shard's evaluation time and its trial's
+load of the compiled kernel before it, and peak memory (driver and largest trial process).
 --baselines adds a plain per-architecture numpy loop and one-configuration-per-trial Tune (shared mode only).
 `kernels_first_call_s` is the driver's first search of a tiny cache: loading the compiled kernels from numba's
 cache (or compiling them, once per machine and source version); the trials load them from that cache too.
@@ -143,6 +144,7 @@ def search_once(cache: CacheArrays, spec: SearchSpec, macs: Costs, shards: int, 
     return {"n_configs": n, "shards": len(df.attrs["shard_eval_s"]), "front_size": len(df), "search_s": round(seconds, 2), "configs_per_s": round(n / seconds),
             "evaluator_configs_per_cpu_s": round(n / df.attrs["shard_cpu_s"]),
             "shard_eval_s": [round(x, 2) for x in sorted(df.attrs["shard_eval_s"])],
+            "trial_kernels_s": [round(x, 2) for x in sorted(df.attrs["shard_kernels_s"])],
             "trial_peak_rss_mb": round(df.attrs["trial_max_rss_mb"]),
             "best_speedup_at_0.5pp": round(float(df[df.miou_delta_pp >= -0.5].speedup.max()), 3),
             "load_average_1min_after": round(os.getloadavg()[0], 1)}, df
@@ -170,6 +172,9 @@ def main() -> None:
     t0 = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     out["ray_start_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    from ray import tune  # noqa: F401  (the driver's first import of Ray Tune, timed apart as the Ray start is)
+    out["tune_import_s"] = round(time.perf_counter() - t0, 2)
     for mode in args.modes.split(","):
         grid = dict(SPECS[mode])
         if mode == "per-exit" and args.per_exit_thresholds != 10:

@@ -48,7 +48,7 @@ def evaluate_configs(cache: CacheArrays, spec: SearchSpec, macs, latencies=None,
 
         def take(self, rows, n_evaluated):
             parts.append(rows)
-    for items in assign_shards(plan_items(spec), shards):
+    for items in assign_shards(plan_items(spec), shards, spec.thresholds_mode == "shared"):
         evaluate_items(prep, items, _All(prep))
     ref = reference_rows(prep)
     return rows_to_frame(prep, concat_rows([ref] + parts), ref)
@@ -73,7 +73,7 @@ def search_local(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, sha
         print(f"search: {search_size.describe(est)}", file=sys.stderr, flush=True)
     parts, total = [], 0
     fresh_keep_all(keep_all_dir)
-    for i, items in enumerate(assign_shards(items, shards)):
+    for i, items in enumerate(assign_shards(items, shards, spec.thresholds_mode == "shared")):
         rows, n = evaluate_shard(prep, items, keep_all_dir, f"shard{i}")
         parts.append(rows)
         total += n
@@ -142,7 +142,7 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     n_shards = int(shards or stored.get("n_shards") or search_size.n_shards(est, cores))
     if verbose:
         print(f"search: {search_size.describe(est)}; {n_shards} shard(s)", file=sys.stderr, flush=True)
-    plan = assign_shards(items, n_shards)
+    plan = assign_shards(items, n_shards, spec.thresholds_mode == "shared")
     if keep_all_dir is not None:
         keep_all_dir = os.path.abspath(keep_all_dir)
         print(f"warning: --keep-all writes all {est['n_configs']:,} configurations (about "
@@ -178,7 +178,7 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     if any(r.checkpoint is None or not (r.metrics or {}).get("done") for r in results):
         # Tune caught Ctrl+C (or SIGTERM, delivered as Ctrl+C), stopped the trials and saved its state
         raise KeyboardInterrupt
-    parts, total, cpu_s, rss, eval_s = [], 0, 0.0, 0.0, []
+    parts, total, cpu_s, rss, eval_s, kernels_s = [], 0, 0.0, 0.0, [], []
     for result in results:
         with result.checkpoint.as_directory() as d:
             with np.load(os.path.join(d, "rows.npz"), allow_pickle=False) as z:
@@ -187,11 +187,13 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
         cpu_s += float(result.metrics.get("cpu_s", 0.0))
         rss = max(rss, float(result.metrics.get("max_rss_mb", 0.0)))
         eval_s.append(float(result.metrics.get("eval_s", 0.0)))
+        kernels_s.append(float(result.metrics.get("kernels_s", 0.0)))
     df = finish_front(prep, spec, parts)
     # shard_cpu_s: CPU seconds the shards spent evaluating (configurations per CPU second = per-core speed);
-    # shard_eval_s: each shard's evaluation wall time; trial_max_rss_mb: the largest trial process's peak memory
+    # shard_eval_s: each shard's evaluation wall time; shard_kernels_s: each trial's load of the compiled kernel
+    # before it; trial_max_rss_mb: the largest trial process's peak memory
     df.attrs.update(n_evaluated=total, seconds=time.perf_counter() - t0, shard_cpu_s=cpu_s, shard_eval_s=eval_s,
-                    trial_max_rss_mb=rss)
+                    shard_kernels_s=kernels_s, trial_max_rss_mb=rss)
     return df
 
 

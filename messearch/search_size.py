@@ -13,12 +13,15 @@ from .cache_format import CacheArrays
 from .errors import MessError
 from .search import Prepared, evaluate_items, prepare
 from .search_kernel import OUT_ROWS
+from .search_shard import load_kernels
 from .search_spec import SearchSpec, plan_items
 from .shard_front import FrontSink
 
 TRIAL_SECONDS = 30.0        # evaluation time a shard aims at: a failed trial is retried cheaply, none nears a minute
 MAX_LOCAL_SECONDS = 3600.0  # a longer search asks for --force or a cluster address
-MEASURE_SECONDS = 0.5   # CPU seconds of sampled work: the compiled kernels run steadily from the first tree
+MEASURE_SECONDS = 0.5   # CPU seconds of sampled work at most: the compiled kernels run steadily from the first tree
+MEASURE_SHARE = 0.02    # ... and once MIN_MEASURE_SECONDS have passed, no more than this share of the space
+MIN_MEASURE_SECONDS = 0.05
 
 
 def synthetic_cache(positions, heads, n_images: int, n_classes: int, seed: int = 0) -> CacheArrays:
@@ -37,23 +40,35 @@ def synthetic_cache(positions, heads, n_images: int, n_classes: int, seed: int =
 
 
 def measure_rate(prep: Prepared, items: list[tuple], seconds: float = MEASURE_SECONDS, seed: int = 0) -> dict:
-    """The evaluator's configurations per CPU-second on this machine, from work items sampled by size.
+    """The evaluator's configurations per CPU-second on this machine, from work sampled by size.
 
-    Items are drawn with probability proportional to their size (where the search spends its time) among
-    those the budget can finish, and evaluated until `seconds` of CPU time have passed.
+    The samples are evaluated as the shards evaluate them: with shared thresholds a first position's trees
+    together (one pass over the images serves all their thresholds; search_spec.assign_shards keeps them
+    whole), with per-exit thresholds one item at a time. Samples are drawn with probability proportional to
+    their size (where the search spends its time) among those the budget can finish, and evaluated until
+    `seconds` of CPU time have passed, or sooner once they hold MEASURE_SHARE of the space (after
+    MIN_MEASURE_SECONDS): the estimate of a space that takes seconds costs a few percent of it.
     """
     trees = [it for it in items if it[0] == "tree"]
     sink = FrontSink(prep)
-    if trees:   # the compiled kernels load (or compile, once per machine) outside the measured time
-        evaluate_items(prep, [min(trees, key=lambda it: it[-1])], FrontSink(prep))
+    load_kernels(prep, trees)   # outside the measured time
+    if prep.shared:
+        by_position = {}
+        for it in trees:
+            by_position.setdefault(it[2], []).append(it)
+        units = list(by_position.values())
+    else:
+        units = [[it] for it in trees]
     t0 = time.process_time()
-    if trees:
-        sizes = np.array([float(it[-1]) for it in trees])
-        pool = np.flatnonzero(sizes <= max(sizes.min(), seconds * 2e6))
+    if units:
+        sizes = np.array([float(sum(it[-1] for it in u)) for u in units])
+        enough = MEASURE_SHARE * sizes.sum()
+        pool = np.flatnonzero(sizes <= max(sizes.min(), min(seconds * 2e6, enough)))
         rng = np.random.default_rng(seed)
         for i in rng.choice(pool, size=len(pool), replace=False, p=sizes[pool] / sizes[pool].sum()):
-            evaluate_items(prep, [trees[i]], sink)
-            if time.process_time() - t0 >= seconds:
+            evaluate_items(prep, units[i], sink)
+            cpu = time.process_time() - t0
+            if cpu >= seconds or (cpu >= min(seconds, MIN_MEASURE_SECONDS) and sink.n_evaluated >= enough):
                 break
     cpu = max(time.process_time() - t0, 1e-6)
     return {"configs_per_cpu_s": sink.n_evaluated / cpu, "sampled": sink.n_evaluated, "cpu_s": cpu}

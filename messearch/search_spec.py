@@ -72,11 +72,17 @@ def plan_items(spec: SearchSpec) -> list[tuple]:
     return items
 
 
-def assign_shards(items: list[tuple], n_shards: int) -> list[list[tuple]]:
+def assign_shards(items: list[tuple], n_shards: int, whole_trees: bool = False) -> list[list[tuple]]:
     """Longest-processing-time assignment of items to n_shards (deterministic). Trees of one first position differ
     only in their first threshold, so each shard then takes a contiguous run of those thresholds (same loads):
-    a tree carries its sums from one threshold to the next, which pays more the closer they are."""
+    a tree carries its sums from one threshold to the next, which pays more the closer they are.
+
+    whole_trees (shared thresholds): a tree's pass over its images serves all the thresholds it holds, so a tree
+    split over shards repeats that pass; the items, position-major, are cut into n_shards contiguous runs of
+    near-equal size instead, which splits at most n_shards - 1 trees."""
     n_shards = max(1, int(n_shards))
+    if whole_trees:
+        return _contiguous_runs(items, n_shards)
     shards = [[] for _ in range(n_shards)]
     load = [0] * n_shards
     for item in sorted(items, key=lambda it: (-it[-1], it)):
@@ -90,3 +96,20 @@ def assign_shards(items: list[tuple], n_shards: int) -> list[list[tuple]]:
                 runs.setdefault(it[2], []).append(it[1])
     runs = {p: iter(sorted(ts)) for p, ts in runs.items()}
     return [[("tree", next(runs[it[2]]), *it[2:]) if it[0] == "tree" else it for it in shard] for shard in shards]
+
+
+def _contiguous_runs(items: list[tuple], n_shards: int) -> list[list[tuple]]:
+    """The items by (first position, threshold), static last, cut into n_shards runs: each run takes items while
+    its size stays nearer its share of what is left (and while each later run can still have an item)."""
+    seq = sorted(items, key=lambda it: (0, it[2], it[1]) if it[0] == "tree" else (1, 0, 0))
+    left, i, shards = sum(it[-1] for it in seq), 0, []
+    for k in range(n_shards):
+        runs_left = n_shards - k
+        share, run, size = left / runs_left, [], 0
+        while i < len(seq) and (not run or (size + seq[i][-1] / 2 <= share and len(seq) - i >= runs_left)):
+            run.append(seq[i])
+            size += seq[i][-1]
+            i += 1
+        shards.append(run)
+        left -= size
+    return shards

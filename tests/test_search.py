@@ -432,8 +432,8 @@ def test_shards_take_contiguous_thresholds_with_the_same_loads():
     spec = SearchSpec(positions=[f"p{i}" for i in range(5)], heads=["a", "b"], thresholds=tuple(range(11)),
                       max_exits=3, mode="single")
     items = plan_items(spec)
-    for n in (1, 2, 3, 4, 7):
-        shards = assign_shards(items, n)
+    for n, whole_trees in itertools.product((1, 2, 3, 4, 7), (False, True)):
+        shards = assign_shards(items, n, whole_trees)
         assert sorted(it for s in shards for it in s) == sorted(items)   # every item once
         loads = sorted(sum(it[-1] for it in s) for s in shards)
         assert loads[-1] - loads[0] <= max(it[-1] for it in items)        # LPT balance kept
@@ -441,6 +441,9 @@ def test_shards_take_contiguous_thresholds_with_the_same_loads():
             for p in {it[2] for it in s if it[0] == "tree"}:
                 ts = sorted(it[1] for it in s if it[0] == "tree" and it[2] == p)
                 assert ts == list(range(ts[0], ts[0] + len(ts))), (n, p, ts)
+        if whole_trees:   # shared thresholds: a tree's pass serves all its thresholds, so few trees are split
+            split = [p for p in range(5) if sum(any(it[0] == "tree" and it[2] == p for it in s) for s in shards) > 1]
+            assert len(split) <= n - 1 and all(shards), (n, split)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
