@@ -6,7 +6,6 @@ The evaluator is `search`; merging the shards' candidates into the front and wri
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -103,25 +102,6 @@ def _progress_callback(total: int):
     return Progress()
 
 
-@contextlib.contextmanager
-def _json_logger_only():
-    """Tune's automatic CSV and TensorBoard loggers off for one fit (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS; the run
-    passes the JSON logger, which its ResultGrid reads): their files serve no one here, and the driver writes
-    them while each trial waits for its report to be taken (Tune's function trials report synchronously)."""
-    before = os.environ.get(_NO_AUTO_LOGGERS)
-    os.environ[_NO_AUTO_LOGGERS] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(_NO_AUTO_LOGGERS, None)
-        else:
-            os.environ[_NO_AUTO_LOGGERS] = before
-
-
-_NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-
-
 def _read_plan(key_file: Path) -> dict:
     """The plan file of an earlier run ({"key", "n_shards"}), or {} when there is none or it is unreadable."""
     try:
@@ -149,7 +129,6 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
         _check_shards(shards)
     ray = connect(address, what="`messearch search` (Ray Tune)", instead="search in this process with --local")
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
     cores = int(ray.cluster_resources().get("CPU", 1))
     prep = prepare(cache, spec, macs, latencies)   # validates everything before any trial starts
     items = plan_items(spec)
@@ -191,10 +170,8 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
             tune_config=tune.TuneConfig(reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=2),
-                                      callbacks=[JsonLoggerCallback()] + ([_progress_callback(est["n_configs"])]
-                                                                           if verbose else [])))
-    with _json_logger_only():
-        grid = tuner.fit()
+                                      callbacks=[_progress_callback(est["n_configs"])] if verbose else None))
+    grid = tuner.fit()
     results = list(grid)
     if grid.errors:
         raise grid.errors[0]   # the trial's own error; the CLI prints its message and logs the remote stack

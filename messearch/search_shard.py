@@ -19,11 +19,6 @@ from .search import Prepared, evaluate_items, prepare, reference_rows
 from .shard_front import FrontSink
 
 
-# Seconds of evaluation between a trial's progress reports: Tune's function trainables report synchronously, so
-# each report stops the trial until the driver has taken it (a round trip).
-PROGRESS_SECONDS = 1.0
-
-
 def fresh_keep_all(keep_all_dir) -> None:
     """Empty the --keep-all folder before a search that is not resumed: its files must be this run's only."""
     if keep_all_dir is not None:
@@ -75,15 +70,15 @@ def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, keep_
     from ray import tune
     shard, items = int(config["shard"]["index"]), [tuple(it) for it in config["shard"]["items"]]
     prep = prepare(cache, spec, macs, latencies)
+    last = [0.0]
 
     def progress(sink):
-        if time.monotonic() - last[0] >= PROGRESS_SECONDS:
+        if time.monotonic() - last[0] > 1.0:   # a report costs a round trip: at most one a second
             last[0] = time.monotonic()
             tune.report({"n_evaluated": sink.n_evaluated, "front_size": sink.size, "done": False})
     wall0 = time.perf_counter()
     load_kernels(prep, items)
     cpu0, wall1 = time.process_time(), time.perf_counter()
-    last = [time.monotonic()]
     rows, n = evaluate_shard(prep, items, keep_all_dir, f"shard{shard}", progress)
     with tempfile.TemporaryDirectory() as d:
         np.savez(os.path.join(d, "rows.npz"), **(rows or {}))
