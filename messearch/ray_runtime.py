@@ -42,28 +42,18 @@ def connect(address: str | None = None, num_cpus: int | None = None, what: str =
         return ray
     before = signal.getsignal(signal.SIGTERM)
     address = address or os.environ.get("RAY_ADDRESS")
-    # Ctrl+C is held back while ray.init runs and delivered the moment it returns: one that landed inside Ray's
-    # start-up was now and then lost (the command ran on and exited 0; CI, 2026-11-29), held it always reaches the
-    # clean-up path.
-    hold = threading.current_thread() is threading.main_thread()
-    if hold:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        if address:
-            # Joining a cluster: resources are the cluster's own, so num_cpus must not be passed.
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # A fresh tag before ray.init: every process the local Ray starts inherits it, so an interrupt at any
-            # moment (even mid start-up) can find and end exactly this run's processes, and no one else's.
-            _own_tag = f"{os.getpid()}-{uuid.uuid4().hex}"
-            os.environ[RUN_TAG_ENV] = _own_tag
-            # address="local": a new Ray of our own, even when `ray start` left one on this machine (a bare
-            # ray.init would silently join that one, someone else's cluster).
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-        _restore_sigterm(before)
-    finally:
-        if hold:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if address:
+        # Joining a cluster: resources are the cluster's own, so num_cpus must not be passed.
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # A fresh tag before ray.init: every process the local Ray starts inherits it, so an interrupt at any
+        # moment (even mid start-up) can find and end exactly this run's processes, and no one else's.
+        _own_tag = f"{os.getpid()}-{uuid.uuid4().hex}"
+        os.environ[RUN_TAG_ENV] = _own_tag
+        # address="local": a new Ray of our own, even when `ray start` left one on this machine (a bare ray.init
+        # would silently join that one, someone else's cluster).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    _restore_sigterm(before)
     return ray
 
 
