@@ -565,8 +565,11 @@ def _interrupt(argv, when, sig, group=False, timeout=240):
     tag = uuid.uuid4().hex
     env = dict(os.environ, MESSEARCH_TEST_TAG=tag, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     env.pop("RAY_ADDRESS", None)
+    # SIGINT's default disposition in the child, as a terminal gives it: a suite run in the background of a
+    # non-interactive shell inherits SIGINT ignored, and the Ctrl+C tests would then test nothing.
     p = subprocess.Popen([sys.executable, "-m", "messearch.cli", *argv], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + timeout
         while p.poll() is None and not when(tag) and time.monotonic() < deadline:
