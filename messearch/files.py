@@ -24,13 +24,19 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
+def atomic_write_with(path: str | os.PathLike, write) -> None:
+    """Call write(f) on a binary file that becomes `path` atomically, flushed to disk (e.g. torch.save(obj, f)
+    straight to disk, without a copy in memory)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    atomic_write_with(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

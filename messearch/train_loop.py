@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .checkpoint import save_checkpoint
 from .data import build_dataset
 from .errors import MessError
-from .files import atomic_path, atomic_write_text, load_weights_only
+from .files import atomic_write_text, atomic_write_with, load_weights_only
 from .model import MESSNetwork
 from .space import Space, space_from_text
 from .train_stages import (JOINT, PLAIN, STAGE1, STAGE2, LossWeights, Runtime, StageModule, build_aux_exits,
@@ -66,15 +65,6 @@ def read_state(path: Path, fingerprint: dict) -> dict:
         raise MessError(f"--resume: {path} was written by a run with other settings ({', '.join(differ)} differ); "
                         f"use the same arguments, or start afresh without --resume")
     return state
-
-
-def _save_atomic(path: Path, obj) -> None:
-    # torch.save straight into the temporary file: no in-memory copy of a state of optimizer moments and weights
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def _loaders(space: Space, data_spec: str, rt: Runtime, num_workers: int):
@@ -196,12 +186,14 @@ def run_plan(plan: Plan, rt: Runtime, wrap_model=lambda m: m, wrap_loader=lambda
                     for k, v in row.items():
                         if k.startswith("miou:") or k in ("loss", "lr", "images_per_s"):
                             writer.add_scalar(k.replace(":", "/"), v, step)
-                _save_atomic(out / "train_state.pt", {
+                state_now = {
                     "format": STATE_FORMAT, "fingerprint": plan.fingerprint, "stage_index": i, "epoch": epoch + 1,
                     "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                     "aux": None if aux is None else {k: v.detach().cpu() for k, v in aux.state_dict().items()},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "log": rows, "seconds": seconds, "miou": miou})
+                    "log": rows, "seconds": seconds, "miou": miou}
+                # straight to disk: no in-memory copy of the weights and optimizer moments
+                atomic_write_with(out / "train_state.pt", lambda f: torch.save(state_now, f))
             if on_epoch_end is not None and on_epoch_end(stage, epoch + 1, row):
                 if rt.is_main and stage in (STAGE2, JOINT) and not heads_now:   # its heads need their figures
                     miou = _validate(net, val_loader, rt, stage, True, aux, plan.max_steps, miou)
