@@ -14,7 +14,7 @@ from its counts, the Pareto pre-filter, the output rows) is search_kernel.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,10 +43,12 @@ class Prepared:
     fail: np.ndarray         # bool [N, E, T]: confidence < threshold
     xd: np.ndarray           # int64 [N, E, W]: tp, pred of the exit minus the final head's, then a 1 (exit counter)
     xt: np.ndarray           # [E, N, Wp]: xd exit-major and zero-padded, int32 where exact, the rows the kernels read
+    count_dtype: type        # a configuration's counts in the shared kernel: int32 where every count fits, else int64
     base: np.ndarray         # int64 [W]: the final head's totals, counter 0
     gt: np.ndarray           # int64 [C] labelled pixels per class over the split
     costs: dict              # "macs" and "lat:<device>" -> (backbone_to[E], head[E], backbone_total, final)
     devices: list[str]
+    memo: dict = field(default_factory=dict, repr=False, compare=False)   # tables a kernel reuses across trees
 
     @property
     def n_exits(self) -> int:
@@ -105,6 +107,8 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: di
     xd = np.concatenate([diff, np.ones((n, len(ex), 1), dtype=np.int64)], axis=2)
     base = np.concatenate([x[:, final, :].sum(axis=0), [0]]).astype(np.int64)
     wide = _check_exact(diff)
+    # a configuration's counts are base plus some images' rows: within max|base| + the rows' bound
+    narrow = not wide and int(np.abs(base).max(initial=0)) + int(np.abs(diff).max(axis=(1, 2)).sum(initial=0)) + n < 2 ** 31
     if macs.unit != "macs":
         raise MessError(f"the MAC cost table has unit {macs.unit!r}; expected 'macs'")
     costs = {"macs": _cost_arrays(macs, spec, True, "the MAC")}
@@ -115,7 +119,7 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: di
         raise MessError(f"latency constraints name devices {unknown} without a profile; profiled: {sorted(latencies)}")
     return Prepared(n=n, n_classes=c, positions=list(spec.positions), heads=list(spec.heads), thresholds=thr,
                     shared=spec.thresholds_mode == "shared", max_exits=min(int(spec.max_exits), len(spec.positions)), fail=fail,
-                    xd=xd, xt=_kernel_rows(xd, wide), base=base, gt=cache.gt.sum(axis=0).astype(np.int64),
+                    xd=xd, xt=_kernel_rows(xd, wide), count_dtype=np.int32 if narrow else np.int64, base=base, gt=cache.gt.sum(axis=0).astype(np.int64),
                     costs=costs, devices=sorted(latencies))
 
 

@@ -92,10 +92,12 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
                     lst[j + 1, m2] = i
                     m2 += 1
             nl[j + 1] = m2
-            cnt[j + 1, :] = ext[j, t, :]
+            for m in range(wp):
+                cnt[j + 1, m] = ext[j, t, m]
             pe[j], pt[j], pn[j] = c, t, ext[j, t, col] - cnt[j, col]
             am[j + 1] = amt[j, t]
-            al[j + 1, :] = alt[j, t, :]
+            for d in range(n_dev):
+                al[j + 1, d] = alt[j, t, d]
             nextc[j + 1] = (c // heads + 1) * heads
             tnext[j + 1] = steps
             ist[0] = j + 1

@@ -5,7 +5,13 @@ first b[i, e] steps (its bin) and survives a prefix of exits from step s[i] = th
 exits. A new exit c therefore takes image i at the steps s[i] <= t < b[i, c]: its sums over all steps are one
 difference array (+x at s[i], -x at b[i, c]) and one running sum, so every image enters each (prefix, new
 exit) pair once instead of once per threshold. The kernel walks the prefixes depth first, carrying each
-prefix's counts per step; every sum is an exact int64.
+prefix's counts per step; every sum is an exact integer (int32 where every count fits: search.prepare).
+
+The last exit c of a configuration after a prefix (Q, e) takes the images with max(a, u) <= t < v (a: Q's
+survival step, u, v: the bins of e and c), which is [u <= t < v] minus [u <= t < min(a, v)]. The first term is
+the pair (e, c) alone, the same for every Q: its running sums are tabled once per process (`pair_sums`). The
+second needs only the images with u < a, those Q takes at a step where e would not: with confidence rising
+along the backbone, a few of them instead of most surviving images.
 """
 
 from __future__ import annotations
@@ -15,18 +21,47 @@ import numpy as np
 
 from . import search_kernel as sk
 
+PAIR_BYTES = 1 << 28   # the pair table's budget per process; a larger space sums its last exits as its prefixes
+
 
 def threshold_bins(prep, tree_t: np.ndarray) -> np.ndarray:
-    """int64 [E, N]: how many of the thresholds tree_t (ascending in value) each image passes at each exit."""
-    return np.ascontiguousarray((~prep.fail[:, :, tree_t]).sum(axis=2).T.astype(np.int64))
+    """int32 [E, N]: how many of the thresholds tree_t (ascending in value) each image passes at each exit."""
+    return np.ascontiguousarray((~prep.fail[:, :, tree_t]).sum(axis=2).T.astype(np.int32))
 
 
 @nb.njit(**sk.JIT)
-def shared_tree(x, b, p1, heads, max_exits, model, state, out, emit_all, pf, stair, elite, obj, lat, ist):
+def pair_sums(x, b, e_lo, heads, off, ps, diff):
+    """ps[off[e] + c - first(e)] [steps, Wp]: per step t, the sum of x[c, i] over the images with
+    b[e, i] <= t < b[c, i], for every exit e >= e_lo and every c at a later position (first(e) onwards); diff:
+    scratch [steps + 1, Wp]."""
+    n_exit, n, wp = x.shape
+    steps = ps.shape[1]
+    for e in range(e_lo, n_exit):
+        first = (e // heads + 1) * heads
+        for c in range(first, n_exit):
+            diff[:, :] = 0
+            for i in range(n):
+                u, v = b[e, i], b[c, i]
+                if u < v:
+                    for m in range(wp):
+                        diff[u, m] += x[c, i, m]
+                        diff[v, m] -= x[c, i, m]
+            blk = off[e] + c - first
+            for m in range(wp):
+                ps[blk, 0, m] = diff[0, m]
+            for t in range(1, steps):
+                for m in range(wp):
+                    ps[blk, t, m] = ps[blk, t - 1, m] + diff[t, m]
+
+
+@nb.njit(**sk.JIT)
+def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, pf, stair, elite, obj, lat, ist):
     """Every cascade of the tree (first exit at position p1), depth first; pauses (returns) when the output buffer
-    could overflow and resumes from `state`; ist[6] = 1 when done. x [E, N, Wp] rows; b [E, N] bins."""
-    cur, pe, cnt, sv, lst, nl, diff, run, ex, st, na, hm, am, hl, al = state
+    could overflow and resumes from `state`; ist[6] = 1 when done. x [E, N, Wp] rows; b [E, N] bins; pairs: the
+    pair table (use, off, ps) of pair_sums."""
+    (cur, pe, cnt, sv, lst, nl, diff, run, ex, st, na, hm, am, hl, al, few, few_n, r, row) = state
     n, gt, mbb, mhd, mk, lbb, lhd, lk = model
+    use_pairs, off, ps = pairs
     n_exit, _, wp = x.shape
     col = 2 * gt.shape[0]   # the exit counter: images that left at an exit so far
     steps = cnt.shape[1]
@@ -39,26 +74,49 @@ def shared_tree(x, b, p1, heads, max_exits, model, state, out, emit_all, pf, sta
             return
         if c == -2:
             continue
-        # the images exit c takes at step t: s <= t < b[c]; +x at s, -x at b[c] (row `steps` is never read)
         diff[:, :] = 0
-        for q in range(nl[j]):
-            i = lst[j, q]
-            s, bc = sv[j, i], b[c, i]
-            if s < bc:
-                for m in range(wp):
-                    v = x[c, i, m]
-                    diff[s, m] += v
-                    diff[bc, m] -= v
+        by_pair = use_pairs and j >= 1 and j + 1 == max_exits
+        if by_pair:
+            # the last exit after (Q, e): the pair (e, c)'s table minus [u <= t < min(a, v)] over Q's few images
+            e = pe[j - 1]
+            blk = off[e] + c - (e // heads + 1) * heads
+            for q in range(few_n[0]):
+                i, u, a = few[0, q], few[1, q], few[2, q]
+                m2 = min(a, b[c, i])
+                if u < m2:
+                    for m in range(wp):
+                        v = x[c, i, m]
+                        diff[u, m] += v
+                        diff[m2, m] -= v
+        else:
+            # the images exit c takes at step t: s <= t < b[c]; +x at s, -x at b[c] (row `steps` is never read)
+            for q in range(nl[j]):
+                i = lst[j, q]
+                s, bc = sv[j, i], b[c, i]
+                if s < bc:
+                    for m in range(wp):
+                        v = x[c, i, m]
+                        diff[s, m] += v
+                        diff[bc, m] -= v
         run[:] = 0
         h = hm[j] + mhd[c]
         hm[j + 1] = h
         for d in range(n_dev):
             hl[j + 1, d] = hl[j, d] + lhd[d, c]
+        leaf = j + 1 == max_exits
         for t in range(steps):
-            for m in range(wp):
-                run[m] += diff[t, m]
-                cnt[j + 1, t, m] = cnt[j, t, m] + run[m]
-            row = cnt[j + 1, t]
+            # the configuration's counts in `row` (a view per step would cost two atomic reference counts)
+            if by_pair:
+                for m in range(wp):
+                    run[m] += diff[t, m]
+                    row[m] = cnt[j, t, m] + (ps[blk, t, m] - run[m])
+            else:
+                for m in range(wp):
+                    run[m] += diff[t, m]
+                    row[m] = cnt[j, t, m] + run[m]
+            if not leaf:
+                for m in range(wp):
+                    cnt[j + 1, t, m] = row[m]
             nat = row[col] - cnt[j, t, col]
             nf = n - row[col]
             a = am[j, t] + nat * (mbb[c] + h)
@@ -69,29 +127,61 @@ def shared_tree(x, b, p1, heads, max_exits, model, state, out, emit_all, pf, sta
                 ad = al[j, t, d] + np.float64(nat) * (lbb[d, c] + hd)
                 al[j + 1, t, d] = ad
                 lat[d] = ad + np.float64(nf) * ((lk[d, 0] + hd) + lk[d, 1])
-            miou = sk.miou_of(row, gt)
             ist[2] += 1
-            if sk.keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
+            miou = sk.admit(row, gt, r, macsum, lat, n, emit_all, pf, stair, elite, obj)
+            if miou >= 0.0:
                 for j2 in range(j + 1):
                     ex[j2] = pe[j2] if j2 < j else c
                     st[j2] = t
-                    na[j2] = cnt[j2 + 1, t, col] - cnt[j2, t, col]
+                    na[j2] = (cnt[j2 + 1, t, col] if j2 < j else row[col]) - cnt[j2, t, col]
                 sk.write(out, ist, ex, st, na, j + 1, row, macsum, lat, miou)
         nxt = (c // heads + 1) * heads
         if j + 1 < max_exits and nxt < n_exit:
-            # the prefix grows by c: images survive it from max(s, b[c]); those that never do leave the list
-            m2 = 0
-            for q in range(nl[j]):
-                i = lst[j, q]
-                s = max(sv[j, i], b[c, i])
-                if s < steps:
-                    sv[j + 1, i] = s
-                    lst[j + 1, m2] = i
-                    m2 += 1
-            nl[j + 1] = m2
+            # the prefix grows by c: every image survives it from max(s, b[c]) (steps: never)
+            for i in range(n):
+                sv[j + 1, i] = max(sv[j, i], b[c, i])
+            if use_pairs and j + 2 == max_exits:
+                # its children are last exits: keep the images this prefix's Q takes where c would not (u < a)
+                m2 = 0
+                for i in range(n):
+                    if b[c, i] < sv[j, i]:
+                        few[0, m2], few[1, m2], few[2, m2] = i, b[c, i], sv[j, i]
+                        m2 += 1
+                few_n[0] = m2
+            else:
+                m2 = 0
+                for q in range(nl[j]):
+                    i = lst[j, q]
+                    if sv[j + 1, i] < steps:
+                        lst[j + 1, m2] = i
+                        m2 += 1
+                nl[j + 1] = m2
             pe[j] = c
             cur[j + 1] = nxt
             ist[0] = j + 1
+
+
+def _pair_table(prep, tree_t: np.ndarray, b: np.ndarray, e_lo: int):
+    """(use, off, ps) for the trees of first exit >= e_lo with thresholds tree_t: computed once per process and
+    thresholds, reused by later trees (shards take trees in ascending first position). use is False, with empty
+    arrays, when the table would pass PAIR_BYTES."""
+    heads, n_exit, wp = len(prep.heads), prep.n_exits, prep.xt.shape[2]
+    key = tree_t.tobytes()
+    memo = prep.memo.get("pairs")
+    if memo is not None and memo[0] == key and memo[1] <= e_lo:
+        return memo[2]
+    first = (np.arange(n_exit) // heads + 1) * heads
+    count = np.where(np.arange(n_exit) >= e_lo, n_exit - first, 0)
+    off = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    size = int(count.sum()) * len(tree_t) * wp * prep.xt.itemsize
+    if size > PAIR_BYTES or len(tree_t) == 0:
+        table = (False, off, np.zeros((0, 1, wp), prep.xt.dtype))
+    else:
+        ps = np.empty((int(count.sum()), len(tree_t), wp), prep.xt.dtype)
+        pair_sums(prep.xt, b, np.int64(e_lo), np.int64(heads), off, ps, np.zeros((len(tree_t) + 1, wp), prep.xt.dtype))
+        table = (True, off, ps)
+    prep.memo["pairs"] = (key, e_lo, table)
+    return table
 
 
 def eval_tree_shared(prep, roots, sink) -> None:
@@ -101,7 +191,10 @@ def eval_tree_shared(prep, roots, sink) -> None:
     order = np.argsort(prep.thresholds, kind="stable")   # threshold indices ascending in value
     tree_t = order[np.isin(order, sorted({int(t) for t, _ in roots}))]
     n, k, steps, wp, dev = prep.n, prep.max_exits, len(tree_t), prep.xt.shape[2], len(prep.devices)
-    cnt = np.zeros((k + 1, steps, wp), np.int64)
+    b = threshold_bins(prep, tree_t)
+    pairs = _pair_table(prep, tree_t, b, p1 * len(prep.heads)) if k >= 2 else (False, np.zeros(1, np.int64),
+                                                                               np.zeros((0, 1, wp), prep.xt.dtype))
+    cnt = np.zeros((k + 1, steps, wp), prep.count_dtype)
     cnt[0, :, :prep.width] = prep.base
     lst = np.zeros((k + 1, n), np.int64)
     lst[0] = np.arange(n)
@@ -113,7 +206,7 @@ def eval_tree_shared(prep, roots, sink) -> None:
     state = (cur, np.zeros(k + 1, np.int64), cnt, np.zeros((k + 1, n), np.int64), lst, nl,
              np.zeros((steps + 1, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), *ints,
              np.zeros(k + 1, np.int64), np.zeros((k + 1, steps), np.int64), np.zeros((k + 1, dev)),
-             np.zeros((k + 1, steps, dev)))
-    args = (prep.xt, threshold_bins(prep, tree_t), np.int64(p1), np.int64(len(prep.heads)), np.int64(k),
-            sk.model_of(prep), state)
+             np.zeros((k + 1, steps, dev)), np.zeros((3, n), np.int64), np.zeros(1, np.int64),
+             np.zeros(prep.n_classes), np.zeros(wp, prep.count_dtype))
+    args = (prep.xt, b, np.int64(p1), np.int64(len(prep.heads)), np.int64(k), sk.model_of(prep), pairs, state)
     sk.run(prep, shared_tree, args, np.zeros(8, np.int64), sink, tree_t)

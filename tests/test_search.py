@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messearch import search_kernel, shard_front, stats
+from messearch import search_kernel, search_shared, shard_front, stats
 from messearch.cache_format import CacheArrays
 from messearch.errors import MessError
 from messearch.config import config_id
@@ -190,7 +190,7 @@ def problems(draw, per_exit=False):
     cache = make_cache(draw(st.integers(0, 10**6)), n_pos, n_heads, draw(st.integers(3, 12)), draw(st.integers(2, 4)))
     fraction = draw(st.booleans())
     spec = SearchSpec(positions=list(cache.positions), heads=list(cache.heads), thresholds=thresholds,
-                      max_exits=draw(st.integers(1, 3)),
+                      max_exits=draw(st.integers(1, 4)),
                       thresholds_mode="per-exit" if per_exit else "shared",
                       mode=draw(st.sampled_from(["cascade", "single"])),
                       policy_kind="fraction" if fraction else "mean", pixel_threshold_bin=2 if fraction else None)
@@ -250,6 +250,23 @@ def test_every_configuration_equals_brute_force(problem, small, shards):
     with small_blocks(small):
         df = evaluate_configs(cache, spec, macs, latencies, shards=shards)
     assert len(df) == len(rows) and df["config_id"].is_unique
+    assert_same_rows(df, rows, latencies)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(problems(), st.booleans())
+def test_shared_kernel_without_its_pair_table_equals_brute_force(problem, small):
+    # over its budget (PAIR_BYTES) the pair table is not built and the last exits are summed as their prefixes
+    cache, spec, macs, latencies = problem
+    rows = brute_force_rows(cache, spec, macs, latencies)
+    saved = search_shared.PAIR_BYTES
+    search_shared.PAIR_BYTES = 0
+    try:
+        with small_blocks(small):
+            df = evaluate_configs(cache, spec, macs, latencies, shards=2)
+    finally:
+        search_shared.PAIR_BYTES = saved
+    assert len(df) == len(rows)
     assert_same_rows(df, rows, latencies)
 
 
