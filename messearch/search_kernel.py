@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import metrics
 from .config import KIND_CASCADE
@@ -43,40 +47,31 @@ def miou_of(cnt, gt):
     return 0.0
 
 
-@nb.njit(**JIT)
-def miou_upper(cnt, gt, r):
-    """An upper bound of miou_of(cnt, gt): the same per-class divisions (vectorisable, into scratch r [C]), summed
-    in four running sums instead of one, plus the widest gap two summation orders of C terms in [0, 1] can
-    leave (4 (C^2 + 1) ulps of 1: a rigorous bound with a factor of two to spare)."""
-    c = gt.shape[0]
-    present = 0
-    for k in range(c):
-        union = (gt[k] + cnt[c + k]) - cnt[k]
-        r[k] = np.float64(cnt[k]) / np.float64(max(union, 1))   # an absent class has tp 0: adds 0.0
-        present += union > 0
-    s0 = s1 = s2 = s3 = 0.0
-    k = 0
-    while k + 4 <= c:
-        s0 += r[k]
-        s1 += r[k + 1]
-        s2 += r[k + 2]
-        s3 += r[k + 3]
-        k += 4
-    while k < c:
-        s0 += r[k]
-        k += 1
-    if present == 0:
-        return 0.0
-    return ((s0 + s1) + (s2 + s3)) / np.float64(present) + 4.0 * (c * c + 1) * 2.0 ** -53
+@intrinsic
+def prefetch(typingctx, arr, i, j, k):
+    """Ask the CPU to fetch the cache line of arr[i, j, k] (a 3-d array) ahead of its use: the kernels read image
+    rows in an order no hardware prefetcher follows."""
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        inds = [builder.sext(a, ir.IntType(64)) if a.type.width < 64 else a for a in args[1:]]
+        ptr = cgutils.get_item_pointer2(context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
+                                        strides=cgutils.unpack_tuple(builder, ary.strides), layout=aryty.layout,
+                                        inds=inds, wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(arr, i, j, k), codegen
 
 
 @nb.njit(**JIT)
-def _objectives(miou, macsum, lat, n, obj):
-    """obj: the front's objectives to minimise, -mIoU, mean GMACs, mean latencies."""
-    obj[0] = -miou
-    obj[1] = np.float64(macsum) / np.float64(n) / 1e9
-    for d in range(lat.shape[0]):
-        obj[2 + d] = lat[d] / np.float64(n)
+def prefetch_row(x, c, i):
+    """prefetch every cache line of the row x[c, i] (64-byte lines; a step of 8 elements covers int32 and int64
+    rows, and is a constant: the row's itemsize is not one to the compiler)."""
+    for m in range(0, x.shape[2], 8):
+        prefetch(x, c, i, m)
 
 
 @nb.njit(**JIT)
@@ -151,25 +146,14 @@ def keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
     (then it is remembered for the next ones). Objectives as the front's: -mIoU, mean GMACs, mean latencies."""
     if emit_all:
         return True
-    _objectives(miou, macsum, lat, n, obj)
+    obj[0] = -miou
+    obj[1] = np.float64(macsum) / np.float64(n) / 1e9
+    for d in range(lat.shape[0]):
+        obj[2 + d] = lat[d] / np.float64(n)
     if _dominated(obj, pf, stair, elite):
         return False
     _remember(obj, pf, stair, elite)
     return True
-
-
-@nb.njit(**JIT)
-def admit(row, gt, r, macsum, lat, n, emit_all, pf, stair, elite, obj):
-    """keep() of the configuration with counts row: its exact mIoU if it goes to the output, else -1.0. Most are
-    dominated even at miou_upper, which spares them the exact mIoU's one running sum (C dependent additions)."""
-    if not emit_all:
-        _objectives(miou_upper(row, gt, r), macsum, lat, n, obj)
-        if _dominated(obj, pf, stair, elite):   # dominated at an upper bound: dominated (strictly) at the mIoU
-            return -1.0
-    miou = miou_of(row, gt)
-    if keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
-        return miou
-    return -1.0
 
 
 @nb.njit(**JIT)

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import search_kernel as sk
 
+AHEAD = 8              # images ahead whose rows are prefetched
 PAIR_BYTES = 1 << 28   # the pair table's budget per process; a larger space sums its last exits as its prefixes
 
 
@@ -59,7 +60,7 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
     """Every cascade of the tree (first exit at position p1), depth first; pauses (returns) when the output buffer
     could overflow and resumes from `state`; ist[6] = 1 when done. x [E, N, Wp] rows; b [E, N] bins; pairs: the
     pair table (use, off, ps) of pair_sums."""
-    (cur, pe, cnt, sv, lst, nl, diff, run, ex, st, na, hm, am, hl, al, few, few_n, r, row) = state
+    (cur, pe, cnt, sv, lst, nl, diff, run, ex, st, na, hm, am, hl, al, few, few_n, row) = state
     n, gt, mbb, mhd, mk, lbb, lhd, lk = model
     use_pairs, off, ps = pairs
     n_exit, _, wp = x.shape
@@ -80,7 +81,10 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
             # the last exit after (Q, e): the pair (e, c)'s table minus [u <= t < min(a, v)] over Q's few images
             e = pe[j - 1]
             blk = off[e] + c - (e // heads + 1) * heads
-            for q in range(few_n[0]):
+            nf = few_n[0]
+            for q in range(nf):
+                if q + AHEAD < nf:
+                    sk.prefetch_row(x, c, few[0, q + AHEAD])
                 i, u, a = few[0, q], few[1, q], few[2, q]
                 m2 = min(a, b[c, i])
                 if u < m2:
@@ -91,6 +95,8 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
         else:
             # the images exit c takes at step t: s <= t < b[c]; +x at s, -x at b[c] (row `steps` is never read)
             for q in range(nl[j]):
+                if q + AHEAD < nl[j]:
+                    sk.prefetch_row(x, c, lst[j, q + AHEAD])
                 i = lst[j, q]
                 s, bc = sv[j, i], b[c, i]
                 if s < bc:
@@ -128,8 +134,8 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
                 al[j + 1, t, d] = ad
                 lat[d] = ad + np.float64(nf) * ((lk[d, 0] + hd) + lk[d, 1])
             ist[2] += 1
-            miou = sk.admit(row, gt, r, macsum, lat, n, emit_all, pf, stair, elite, obj)
-            if miou >= 0.0:
+            miou = sk.miou_of(row, gt)
+            if sk.keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
                 for j2 in range(j + 1):
                     ex[j2] = pe[j2] if j2 < j else c
                     st[j2] = t
@@ -207,6 +213,6 @@ def eval_tree_shared(prep, roots, sink) -> None:
              np.zeros((steps + 1, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), *ints,
              np.zeros(k + 1, np.int64), np.zeros((k + 1, steps), np.int64), np.zeros((k + 1, dev)),
              np.zeros((k + 1, steps, dev)), np.zeros((3, n), np.int64), np.zeros(1, np.int64),
-             np.zeros(prep.n_classes), np.zeros(wp, prep.count_dtype))
+             np.zeros(wp, prep.count_dtype))
     args = (prep.xt, b, np.int64(p1), np.int64(len(prep.heads)), np.int64(k), sk.model_of(prep), pairs, state)
     sk.run(prep, shared_tree, args, np.zeros(8, np.int64), sink, tree_t)
