@@ -87,13 +87,17 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
                     sk.prefetch_row(x, c, few[0, q + AHEAD])
                 i, u, a = few[0, q], few[1, q], few[2, q]
                 m2 = min(a, b[c, i])
-                if u < m2:
-                    for m in range(wp):
-                        v = x[c, i, m]
-                        diff[u, m] += v
-                        diff[m2, m] -= v
+                # without a branch (it would mispredict a third of the time): an image outside [u, m2) adds to the
+                # two rows past the steps, which no step reads (same-run A/B: 5% faster)
+                ok = u < m2
+                lo = u if ok else steps
+                hi = m2 if ok else steps + 1
+                for m in range(wp):
+                    v = x[c, i, m]
+                    diff[lo, m] += v
+                    diff[hi, m] -= v
         else:
-            # the images exit c takes at step t: s <= t < b[c]; +x at s, -x at b[c] (row `steps` is never read)
+            # the images exit c takes at step t: s <= t < b[c]; +x at s, -x at b[c] (rows from `steps` on are never read)
             for q in range(nl[j]):
                 if q + AHEAD < nl[j]:
                     sk.prefetch_row(x, c, lst[j, q + AHEAD])
@@ -210,7 +214,7 @@ def eval_tree_shared(prep, roots, sink) -> None:
     cur[0] = p1 * len(prep.heads)
     ints = [np.zeros(k, np.int64) for _ in range(3)]
     state = (cur, np.zeros(k + 1, np.int64), cnt, np.zeros((k + 1, n), np.int64), lst, nl,
-             np.zeros((steps + 1, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), *ints,
+             np.zeros((steps + 2, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), *ints,
              np.zeros(k + 1, np.int64), np.zeros((k + 1, steps), np.int64), np.zeros((k + 1, dev)),
              np.zeros((k + 1, steps, dev)), np.zeros((3, n), np.int64), np.zeros(1, np.int64),
              np.zeros(wp, prep.count_dtype))
