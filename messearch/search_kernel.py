@@ -3,8 +3,9 @@ exact integer counts, the Pareto pre-filter, the output buffer, and its rows. Th
 costs to its prefix's in the order of search._cost_sum (ints for MACs, float64 for latencies).
 
 Compiled with numba (`cache=True`: Ray workers load the machine code instead of compiling it again; numba's
-cache tracks a kernel's own file only, so after editing this module touch search_shared.py and
-search_per_exit.py too, or delete messearch/__pycache__/*.nbi). No
+cache tracks a kernel's own file only, so after editing this module delete messearch/__pycache__/*.nb[ic]),
+without numba's reference counting (`_nrt=False`: the kernels allocate nothing, and every array passed to a
+helper would otherwise cost two atomic operations per call, per configuration). No
 fastmath: every float operation runs as written, in IEEE order, so the kernel's mIoU and costs are the floats
 numpy computes from the same integers (metrics.miou_from_counts, search._cost_sum; tests/test_search checks).
 The cache's rows are int32 where every sum of them fits (search.prepare), padded to a multiple of 16 columns
@@ -23,8 +24,6 @@ from numba.extending import intrinsic
 from . import metrics
 from .config import KIND_CASCADE
 
-# _nrt=False: no reference counting of arrays (the kernels allocate nothing; a helper's array arguments would
-# otherwise cost two atomic operations each per call, per configuration)
 JIT = dict(cache=True, nogil=True, _nrt=False)
 OUT_ROWS = 1 << 15       # rows of the output buffer: a kernel pauses when the next step could overflow it
 STAIR_POINTS = 1 << 14   # two objectives: the pre-filter's staircase of non-dominated points

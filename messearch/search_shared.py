@@ -171,17 +171,29 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
             ist[0] = j + 1
 
 
+def _pair_blocks(prep, e_lo: int) -> np.ndarray:
+    """int64 [E]: how many pair blocks exit e has in the table of first exit e_lo (the exits at later positions)."""
+    heads, n_exit = len(prep.heads), prep.n_exits
+    first = (np.arange(n_exit) // heads + 1) * heads
+    return np.where(np.arange(n_exit) >= e_lo, n_exit - first, 0).astype(np.int64)
+
+
+def pair_table_bytes(prep, steps: int) -> int:
+    """The bytes of the pair table a process builds for trees of `steps` thresholds (0 over PAIR_BYTES)."""
+    size = int(_pair_blocks(prep, 0).sum()) * steps * prep.xt.shape[2] * prep.xt.itemsize
+    return size if size <= PAIR_BYTES else 0
+
+
 def _pair_table(prep, tree_t: np.ndarray, b: np.ndarray, e_lo: int):
     """(use, off, ps) for the trees of first exit >= e_lo with thresholds tree_t: computed once per process and
     thresholds, reused by later trees (shards take trees in ascending first position). use is False, with empty
     arrays, when the table would pass PAIR_BYTES."""
-    heads, n_exit, wp = len(prep.heads), prep.n_exits, prep.xt.shape[2]
+    heads, wp = len(prep.heads), prep.xt.shape[2]
     key = tree_t.tobytes()
     memo = prep.memo.get("pairs")
     if memo is not None and memo[0] == key and memo[1] <= e_lo:
         return memo[2]
-    first = (np.arange(n_exit) // heads + 1) * heads
-    count = np.where(np.arange(n_exit) >= e_lo, n_exit - first, 0)
+    count = _pair_blocks(prep, e_lo)
     off = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
     size = int(count.sum()) * len(tree_t) * wp * prep.xt.itemsize
     if size > PAIR_BYTES or len(tree_t) == 0:
