@@ -22,8 +22,8 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
     """Every cascade of the tree (first exit at position p1 with a first step where first[t]), depth first; pauses
     (returns) when the output buffer could overflow and resumes from `state`; ist[6] = 1 when done."""
     (nextc, curc, tnext, leaf, leaf_t, pe, pt, pn, cnt, ext, lst, nl, hist, run, leaf_row, order, off, ex, st, na,
-     hm, am, amt, hl, al, alt, lat2) = state
-    n, gt, mbb, mhd, mk, lbb, lhd, lk = model
+     hm, am, amt, hl, al, alt, lat2, al_leaf) = state
+    n, gt, _, mhd, _, _, lhd, _ = model
     n_exit, _, wp = x.shape
     col = 2 * gt.shape[0]   # the exit counter: images that left at an exit so far
     steps = ext.shape[1]
@@ -61,13 +61,8 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
                         run[m] += hist[t + 1, m]
                         leaf_row[m] = ext[j, t2, m] + run[m]
                     nat = leaf_row[col] - ext[j, t2, col]
-                    nf = n - leaf_row[col]
-                    a = amt[j, t2] + nat * (mbb[c3] + h)
-                    macsum = a + nf * ((mk[0] + h) + mk[1])
-                    for d in range(n_dev):
-                        hd = lat2[d]
-                        ad = alt[j, t2, d] + np.float64(nat) * (lbb[d, c3] + hd)
-                        lat[d] = ad + np.float64(nf) * ((lk[d, 0] + hd) + lk[d, 1])
+                    _, macsum = sk.costs(model, c3, h, nat, n - leaf_row[col], amt[j, t2], alt[j, t2], lat2, lat,
+                                         al_leaf)
                     miou = sk.miou_of(leaf_row, gt)
                     ist[2] += 1
                     if sk.keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
@@ -129,15 +124,7 @@ def per_exit_tree(x, b, p1, heads, max_exits, first, model, state, out, emit_all
                 continue
             row = ext[j, t]
             nat = row[col] - cnt[j, col]
-            nf = n - row[col]
-            a = am[j] + nat * (mbb[c] + h)
-            amt[j, t] = a
-            macsum = a + nf * ((mk[0] + h) + mk[1])
-            for d in range(n_dev):
-                hd = hl[j + 1, d]
-                ad = al[j, d] + np.float64(nat) * (lbb[d, c] + hd)
-                alt[j, t, d] = ad
-                lat[d] = ad + np.float64(nf) * ((lk[d, 0] + hd) + lk[d, 1])
+            amt[j, t], macsum = sk.costs(model, c, h, nat, n - row[col], am[j], al[j], hl[j + 1], lat, alt[j, t])
             miou = sk.miou_of(row, gt)
             ist[2] += 1
             if sk.keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
@@ -191,7 +178,8 @@ def eval_tree(prep, roots, sink) -> None:
              np.zeros((steps + 1, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), np.zeros(wp, np.int64),
              np.zeros(n, np.int64), np.zeros(steps + 2, np.int64), *ints,
              np.zeros(k + 1, np.int64), np.zeros(k + 1, np.int64), np.zeros((k + 1, steps), np.int64),
-             np.zeros((k + 1, dev)), np.zeros((k + 1, dev)), np.zeros((k + 1, steps, dev)), np.zeros(dev))
+             np.zeros((k + 1, dev)), np.zeros((k + 1, dev)), np.zeros((k + 1, steps, dev)), np.zeros(dev),
+             np.zeros(dev))
     args = (prep.xt, threshold_bins(prep, tree_t), np.int64(p1), np.int64(len(prep.heads)), np.int64(k), first,
             sk.model_of(prep), state)
     sk.run(prep, per_exit_tree, args, np.zeros(8, np.int64), sink, tree_t)

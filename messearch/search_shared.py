@@ -61,7 +61,7 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
     could overflow and resumes from `state`; ist[6] = 1 when done. x [E, N, Wp] rows; b [E, N] bins; pairs: the
     pair table (use, off, ps) of pair_sums."""
     (cur, pe, cnt, sv, lst, nl, diff, run, ex, st, na, hm, am, hl, al, few, few_n, row) = state
-    n, gt, mbb, mhd, mk, lbb, lhd, lk = model
+    n, gt, _, mhd, _, _, lhd, _ = model
     use_pairs, off, ps = pairs
     n_exit, _, wp = x.shape
     col = 2 * gt.shape[0]   # the exit counter: images that left at an exit so far
@@ -128,15 +128,8 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
                 for m in range(wp):
                     cnt[j + 1, t, m] = row[m]
             nat = row[col] - cnt[j, t, col]
-            nf = n - row[col]
-            a = am[j, t] + nat * (mbb[c] + h)
-            am[j + 1, t] = a
-            macsum = a + nf * ((mk[0] + h) + mk[1])
-            for d in range(n_dev):
-                hd = hl[j + 1, d]
-                ad = al[j, t, d] + np.float64(nat) * (lbb[d, c] + hd)
-                al[j + 1, t, d] = ad
-                lat[d] = ad + np.float64(nf) * ((lk[d, 0] + hd) + lk[d, 1])
+            am[j + 1, t], macsum = sk.costs(model, c, h, nat, n - row[col], am[j, t], al[j, t], hl[j + 1], lat,
+                                            al[j + 1, t])
             ist[2] += 1
             miou = sk.miou_of(row, gt)
             if sk.keep(miou, macsum, lat, n, emit_all, pf, stair, elite, obj):
