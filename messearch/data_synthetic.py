@@ -365,6 +365,9 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
     return np.ascontiguousarray(out), mask, level, h
 
 
+RENDERED_BYTES = 1 << 28   # renderings a SyntheticDataset keeps in memory (the quickstart's: 4 MB)
+
+
 class SyntheticDataset(SegDataset):
     """Synthetic scenes rendered on the fly at input_size; `.difficulty` and `.hardness` per image."""
 
@@ -383,9 +386,22 @@ class SyntheticDataset(SegDataset):
         self.level = np.asarray(levels, dtype=np.int64)  # 0 easy, 1 medium, 2 hard
         self.difficulty = [LEVELS[v] for v in levels]
         self.hardness = np.asarray(hardness, dtype=np.float64)
+        self._rendered = {}   # index -> (image, mask): a scene renders once per process, not once per epoch
+        h, w = self.input_size
+        self._keep = RENDERED_BYTES // (4 * h * w)   # how many renderings fit the budget (image and mask: 4 B/px)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_rendered"] = {}   # a copy renders its own: pickles (DataLoader workers, Ray actors) stay small
+        return state
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Render image i at input_size (uint8 image, uint8 mask)."""
+        """Render image i at input_size (uint8 image, uint8 mask); copies of the first rendering after the first."""
+        if i in self._rendered:
+            img, mask = self._rendered[i]
+            return img.copy(), mask.copy()
         img, mask, _, _ = render_scene(self.spec.seed, self.split, i, self.input_size, self.num_classes,
                                        self.spec.mix)
+        if len(self._rendered) < self._keep:
+            self._rendered[i] = (img.copy(), mask.copy())
         return img, mask

@@ -477,3 +477,25 @@ def test_real_camvid_val():
     x, y = ds[0]
     assert x.shape == (3, 90, 120) and y.shape == (90, 120) and y.dtype == torch.int64
     assert torch.equal(ds[0][0], x)
+
+
+def test_synthetic_scenes_render_once_and_hand_out_copies(monkeypatch):
+    # each epoch reads every scene again: the first rendering is kept (within RENDERED_BYTES), a copy handed out
+    from messearch import data_synthetic
+    real, calls = data_synthetic.render_scene, []
+    monkeypatch.setattr(data_synthetic, "render_scene", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    ds = build_dataset("synthetic:3:8", "train", (32, 32))
+    img, mask = ds.load(2)
+    want = real(3, "train", 2, (32, 32), ds.num_classes, ds.spec.mix)
+    img[:] = 0   # a caller's change stays its own
+    again, mask2 = ds.load(2)
+    assert calls == [2]
+    assert np.array_equal(again, want[0]) and np.array_equal(mask2, want[1]) and again.any()
+    x, y = ds[2]
+    assert calls == [2] and x.shape == (3, 32, 32)
+    copy = pickle.loads(pickle.dumps(ds))   # DataLoader workers and Ray actors: no renderings travel
+    assert copy._rendered == {} and np.array_equal(copy.load(2)[0], want[0])
+    monkeypatch.setattr(data_synthetic, "RENDERED_BYTES", 0)
+    small = build_dataset("synthetic:3:8", "train", (32, 32))
+    small.load(1), small.load(1)
+    assert calls[-2:] == [1, 1]   # over the budget: rendered each time
