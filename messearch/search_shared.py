@@ -76,12 +76,13 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
         if c == -2:
             continue
         diff[:, :] = 0
-        by_pair = use_pairs and j >= 1 and j + 1 == max_exits
+        # the last exit, and the second (Q is empty: the pair's table alone), come from the pair table
+        by_pair = use_pairs and (j == 1 or (j >= 1 and j + 1 == max_exits))
         if by_pair:
-            # the last exit after (Q, e): the pair (e, c)'s table minus [u <= t < min(a, v)] over Q's few images
+            # the exit c after (Q, e): the pair (e, c)'s table minus [u <= t < min(a, v)] over Q's few images
             e = pe[j - 1]
             blk = off[e] + c - (e // heads + 1) * heads
-            nf = few_n[0]
+            nf = few_n[0] if j >= 2 else 0
             for q in range(nf):
                 if q + AHEAD < nf:
                     sk.prefetch_row(x, c, few[0, q + AHEAD])
