@@ -11,7 +11,7 @@ The last exit c of a configuration after a prefix (Q, e) takes the images with m
 survival step, u, v: the bins of e and c), which is [u <= t < v] minus [u <= t < min(a, v)]. The first term is
 the pair (e, c) alone, the same for every Q: its running sums are tabled once per process (`pair_sums`). The
 second needs only the images with u < a, those Q takes at a step where e would not: with confidence rising
-along the backbone, a few of them instead of most surviving images.
+along the backbone, a few of them instead of most surviving images. A second exit (Q empty) is the table alone.
 """
 
 from __future__ import annotations
