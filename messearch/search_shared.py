@@ -172,30 +172,31 @@ def _pair_blocks(prep, e_lo: int) -> np.ndarray:
     return np.where(np.arange(n_exit) >= e_lo, n_exit - first, 0).astype(np.int64)
 
 
-def pair_table_bytes(prep, steps: int) -> int:
-    """The bytes of the pair table a process builds for trees of `steps` thresholds (0 over PAIR_BYTES)."""
-    size = int(_pair_blocks(prep, 0).sum()) * steps * prep.xt.shape[2] * prep.xt.itemsize
-    return size if size <= PAIR_BYTES else 0
+def pair_table_bytes(prep, steps: int, e_lo: int = 0) -> int:
+    """The bytes of the pair table a process builds for trees of first exit >= e_lo and `steps` thresholds; 0 when
+    it builds none (one exit at most, an empty table, or over PAIR_BYTES)."""
+    size = int(_pair_blocks(prep, e_lo).sum()) * steps * prep.xt.shape[2] * prep.xt.itemsize
+    return size if prep.max_exits >= 2 and size <= PAIR_BYTES else 0
 
 
 def _pair_table(prep, tree_t: np.ndarray, b: np.ndarray, e_lo: int):
     """(use, off, ps) for the trees of first exit >= e_lo with thresholds tree_t: computed once per process and
     thresholds, reused by later trees (shards take trees in ascending first position). use is False, with empty
-    arrays, when the table would pass PAIR_BYTES."""
-    heads, wp = len(prep.heads), prep.xt.shape[2]
+    arrays, where pair_table_bytes builds none."""
     key = tree_t.tobytes()
     memo = prep.memo.get("pairs")
     if memo is not None and memo[0] == key and memo[1] <= e_lo:
         return memo[2]
     count = _pair_blocks(prep, e_lo)
     off = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-    size = int(count.sum()) * len(tree_t) * wp * prep.xt.itemsize
-    if size > PAIR_BYTES or len(tree_t) == 0:
-        table = (False, off, np.zeros((0, 1, wp), prep.xt.dtype))
-    else:
+    wp = prep.xt.shape[2]
+    if pair_table_bytes(prep, len(tree_t), e_lo):
         ps = np.empty((int(count.sum()), len(tree_t), wp), prep.xt.dtype)
-        pair_sums(prep.xt, b, np.int64(e_lo), np.int64(heads), off, ps, np.zeros((len(tree_t) + 1, wp), prep.xt.dtype))
+        pair_sums(prep.xt, b, np.int64(e_lo), np.int64(len(prep.heads)), off, ps,
+                  np.zeros((len(tree_t) + 1, wp), prep.xt.dtype))
         table = (True, off, ps)
+    else:
+        table = (False, off, np.zeros((0, 1, wp), prep.xt.dtype))
     prep.memo["pairs"] = (key, e_lo, table)
     return table
 
@@ -208,8 +209,7 @@ def eval_tree_shared(prep, roots, sink) -> None:
     tree_t = order[np.isin(order, sorted({int(t) for t, _ in roots}))]
     n, k, steps, wp, dev = prep.n, prep.max_exits, len(tree_t), prep.xt.shape[2], len(prep.devices)
     b = threshold_bins(prep, tree_t)
-    pairs = _pair_table(prep, tree_t, b, p1 * len(prep.heads)) if k >= 2 else (False, np.zeros(1, np.int64),
-                                                                               np.zeros((0, 1, wp), prep.xt.dtype))
+    pairs = _pair_table(prep, tree_t, b, p1 * len(prep.heads))
     cnt = np.zeros((k + 1, steps, wp), prep.count_dtype)
     cnt[0, :, :prep.width] = prep.base
     lst = np.zeros((k + 1, n), np.int64)

@@ -83,7 +83,7 @@ def estimate(prep: Prepared, spec: SearchSpec, items: list[tuple], cores: int, s
     n = spec.n_configs()
     # the cache's rows twice (image-major for static rows, exit-major for the kernels), the threshold bins, the
     # kernels' output buffer and the shared kernel's pair table; the kernels' own state is a few prefixes' counts
-    pairs = pair_table_bytes(prep, len(prep.thresholds)) if prep.shared and prep.max_exits >= 2 else 0
+    pairs = pair_table_bytes(prep, len(prep.thresholds)) if prep.shared else 0
     return {"n_configs": n, "configs_per_cpu_s": rate, "cores": int(cores), "cpu_seconds": n / rate,
             "seconds": n / rate / max(1, int(cores)), "measured_configs": m["sampled"],
             "bytes": int(2 * prep.xd.nbytes + 9 * prep.fail.nbytes + 8 * OUT_ROWS * (prep.width + 3 * prep.max_exits + 8))
