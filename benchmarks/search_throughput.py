@@ -143,6 +143,7 @@ def search_once(cache: CacheArrays, spec: SearchSpec, macs: Costs, shards: int, 
     assert n == spec.n_configs(), (n, spec.n_configs())
     return {"n_configs": n, "shards": len(df.attrs["shard_eval_s"]), "front_size": len(df), "search_s": round(seconds, 2), "configs_per_s": round(n / seconds),
             "evaluator_configs_per_cpu_s": round(n / df.attrs["shard_cpu_s"]),
+            "evaluator_configs_per_thread_cpu_s": round(n / df.attrs["shard_thread_cpu_s"]),
             "shard_eval_s": [round(x, 2) for x in sorted(df.attrs["shard_eval_s"])],
             "trial_kernels_s": [round(x, 2) for x in sorted(df.attrs["shard_kernels_s"])],
             "trial_peak_rss_mb": round(df.attrs["trial_max_rss_mb"]),

@@ -47,6 +47,9 @@ def _add_search(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
     p.add_argument("--force", action="store_true", help="search even a space estimated too large for this machine")
     p.add_argument("--local", action="store_true", help="run the shards in this process, without Ray")
+    p.add_argument("--evaluator", choices=("auto", "kernel", "plain"), default="auto",
+                   help="compiled kernels, or numpy for a small space without their first compile (auto: by size; "
+                        "the same rows either way)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="N",
                    help="bootstrap resamples of the images for each front row's 90%% intervals (0: none; default 200)")
@@ -66,7 +69,7 @@ def _run_search(args) -> int:
                          min_miou=args.min_miou, max_miou_drop_pp=args.max_miou_drop_pp, shards=args.shards,
                          keep_all=args.keep_all, resume=args.resume, force=args.force, address=args.address,
                          local=args.local, bootstrap=args.bootstrap, seed=args.seed, holdout=args.holdout,
-                         holdout_by=args.holdout_by)
+                         holdout_by=args.holdout_by, evaluator=args.evaluator)
     if args.bootstrap < 0:
         raise MessError(f"--bootstrap {args.bootstrap}: the number of resamples must be 0 (none) or more")
     if args.shards is not None and args.shards < 1:

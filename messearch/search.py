@@ -8,7 +8,8 @@ depth first (a k-exit configuration extends a (k-1)-exit prefix) by compiled ker
 sums from one threshold to the next: as a threshold rises, the images that pass an exit form nested sets, so
 every image enters each (prefix, new exit) pair's sums once, not once per threshold (search_shared: the one
 threshold of all exits; search_per_exit: each exit's own). What both kernels share (a configuration's metrics
-from its counts, the Pareto pre-filter, the output rows) is search_kernel.
+from its counts, the Pareto pre-filter, the output rows) is search_kernel. A small space skips the kernels' compile:
+search_plain sums the same rows in numpy (SearchSpec.evaluator).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .config import KIND_CASCADE, KIND_REFERENCE, KIND_STATIC
 from .cost_table import CostTable
 from .errors import MessError
 from .search_per_exit import eval_tree
+from .search_plain import eval_tree_plain, use_plain
 from .search_shared import eval_tree_shared
 from .search_spec import SearchSpec
 
@@ -48,6 +50,7 @@ class Prepared:
     gt: np.ndarray           # int64 [C] labelled pixels per class over the split
     costs: dict              # "macs" and "lat:<device>" -> (backbone_to[E], head[E], backbone_total, final)
     devices: list[str]
+    plain: bool = False      # evaluate with search_plain (numpy), not the compiled kernels
     memo: dict = field(default_factory=dict, repr=False, compare=False)   # tables a kernel reuses across trees
 
     @property
@@ -120,7 +123,7 @@ def prepare(cache: CacheArrays, spec: SearchSpec, macs: CostTable, latencies: di
     return Prepared(n=n, n_classes=c, positions=list(spec.positions), heads=list(spec.heads), thresholds=thr,
                     shared=spec.thresholds_mode == "shared", max_exits=min(int(spec.max_exits), len(spec.positions)), fail=fail,
                     xd=xd, xt=_kernel_rows(xd, wide), count_dtype=np.int32 if narrow else np.int64, base=base, gt=cache.gt.sum(axis=0).astype(np.int64),
-                    costs=costs, devices=sorted(latencies))
+                    costs=costs, devices=sorted(latencies), plain=use_plain(spec, n))
 
 
 def _check_exact(diff: np.ndarray) -> bool:
@@ -200,7 +203,7 @@ def static_rows(prep: Prepared) -> dict:
 
 def evaluate_items(prep: Prepared, items: list[tuple], sink, progress=None) -> None:
     """Run the evaluator over a shard's work items (a tree per first position with its items' thresholds, then
-    static rows)."""
+    static rows): the compiled kernels, or search_plain's numpy for a small space."""
     trees = defaultdict(list)
     for it in items:
         if it[0] == "tree":
@@ -208,6 +211,7 @@ def evaluate_items(prep: Prepared, items: list[tuple], sink, progress=None) -> N
         else:
             sink.add(static_rows(prep))
     for key in sorted(trees):
-        (eval_tree_shared if prep.shared else eval_tree)(prep, trees[key], sink)
+        evaluate = eval_tree_plain if prep.plain else eval_tree_shared if prep.shared else eval_tree
+        evaluate(prep, trees[key], sink)
         if progress is not None:
             progress(sink)

@@ -178,22 +178,23 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
     if any(r.checkpoint is None or not (r.metrics or {}).get("done") for r in results):
         # Tune caught Ctrl+C (or SIGTERM, delivered as Ctrl+C), stopped the trials and saved its state
         raise KeyboardInterrupt
-    parts, total, cpu_s, rss, eval_s, kernels_s = [], 0, 0.0, 0.0, [], []
+    parts, total, cpu_s, thread_s, rss, eval_s, kernels_s = [], 0, 0.0, 0.0, 0.0, [], []
     for result in results:
         with result.checkpoint.as_directory() as d:
             with np.load(os.path.join(d, "rows.npz"), allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
         total += int(result.metrics.get("n_evaluated", 0))
         cpu_s += float(result.metrics.get("cpu_s", 0.0))
+        thread_s += float(result.metrics.get("thread_cpu_s", 0.0))
         rss = max(rss, float(result.metrics.get("max_rss_mb", 0.0)))
         eval_s.append(float(result.metrics.get("eval_s", 0.0)))
         kernels_s.append(float(result.metrics.get("kernels_s", 0.0)))
     df = finish_front(prep, spec, parts)
-    # shard_cpu_s: CPU seconds the shards spent evaluating (configurations per CPU second = per-core speed);
-    # shard_eval_s: each shard's evaluation wall time; shard_kernels_s: each trial's load of the compiled kernel
+    # shard_cpu_s: CPU seconds the shards spent evaluating (configurations per CPU second = per-core speed), of
+    # which shard_thread_cpu_s in the evaluating thread (the rest: Ray's own threads in the trial process); shard_eval_s: each shard's evaluation wall time; shard_kernels_s: each trial's load of the compiled kernel
     # before it; trial_max_rss_mb: the largest trial process's peak memory
-    df.attrs.update(n_evaluated=total, seconds=time.perf_counter() - t0, shard_cpu_s=cpu_s, shard_eval_s=eval_s,
-                    shard_kernels_s=kernels_s, trial_max_rss_mb=rss)
+    df.attrs.update(n_evaluated=total, seconds=time.perf_counter() - t0, shard_cpu_s=cpu_s,
+                    shard_thread_cpu_s=thread_s, shard_eval_s=eval_s, shard_kernels_s=kernels_s, trial_max_rss_mb=rss)
     return df
 
 
@@ -221,6 +222,7 @@ class SearchOptions:
     seed: int = 0                     # of the resamples and of the hold-out split
     holdout: float | None = None      # share of the cached images kept out of the search, to check its rows
     holdout_by: str = "image"         # image | group (file-name prefix: CamVid sequence, Cityscapes city)
+    evaluator: str = "auto"           # auto | kernel | plain (search_plain): how, the rows are the same
 
 
 def search_spec_for(space, opts: SearchOptions, policy=None):
@@ -235,7 +237,7 @@ def search_spec_for(space, opts: SearchOptions, policy=None):
                       mode=opts.mode or space.mode, policy_kind=policy.kind,
                       pixel_threshold_bin=policy.pixel_threshold_bin, max_gmacs=opts.max_gmacs,
                       max_latency_ms=dict(opts.max_latency_ms), min_miou=opts.min_miou,
-                      max_miou_drop_pp=opts.max_miou_drop_pp)
+                      max_miou_drop_pp=opts.max_miou_drop_pp, evaluator=opts.evaluator)
 
 
 def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_path: str | None = None):

@@ -48,9 +48,10 @@ def _keep_all_writer(prep: Prepared, keep_all_dir, tag: str):
 
 def load_kernels(prep: Prepared, items) -> None:
     """A process's first call of the compiled kernel the items need (loaded from numba's cache, or compiled once per
-    machine), on their smallest tree, so that the clocks of the evaluation proper start after it."""
+    machine), on their smallest tree, so that the clocks of the evaluation proper start after it; none for the plain
+    evaluator (search_plain)."""
     trees = [it for it in items if it[0] == "tree"]
-    if trees:
+    if trees and not prep.plain:
         evaluate_items(prep, [min(trees, key=lambda it: it[-1])], FrontSink(prep))
 
 
@@ -78,13 +79,14 @@ def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, keep_
             tune.report({"n_evaluated": sink.n_evaluated, "front_size": sink.size, "done": False})
     wall0 = time.perf_counter()
     load_kernels(prep, items)
-    cpu0, wall1 = time.process_time(), time.perf_counter()
+    cpu0, thread0, wall1 = time.process_time(), time.thread_time(), time.perf_counter()
     rows, n = evaluate_shard(prep, items, keep_all_dir, f"shard{shard}", progress)
     with tempfile.TemporaryDirectory() as d:
         np.savez(os.path.join(d, "rows.npz"), **(rows or {}))
         # cpu_s and eval_s: the evaluation proper; kernels_s: the process's one load of the compiled kernel
         tune.report({"n_evaluated": n, "front_size": len(rows.get("miou", [])), "done": True,
-                     "cpu_s": time.process_time() - cpu0, "eval_s": time.perf_counter() - wall1,
+                     "cpu_s": time.process_time() - cpu0, "thread_cpu_s": time.thread_time() - thread0,
+                     "eval_s": time.perf_counter() - wall1,
                      "kernels_s": wall1 - wall0,
                      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
                     checkpoint=tune.Checkpoint.from_directory(d))

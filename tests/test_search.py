@@ -1,6 +1,7 @@
 """The vectorised search against a brute-force evaluation written plainly, on random small caches."""
 
 import contextlib
+import dataclasses
 import itertools
 import math
 
@@ -193,7 +194,8 @@ def problems(draw, per_exit=False):
                       max_exits=draw(st.integers(1, 4)),
                       thresholds_mode="per-exit" if per_exit else "shared",
                       mode=draw(st.sampled_from(["cascade", "single"])),
-                      policy_kind="fraction" if fraction else "mean", pixel_threshold_bin=2 if fraction else None)
+                      policy_kind="fraction" if fraction else "mean", pixel_threshold_bin=2 if fraction else None,
+                      evaluator="kernel")   # the compiled kernels; test_plain_* draw the same problems plain
     seed = draw(st.integers(0, 1000))
     macs = make_costs(seed, cache.positions, cache.heads)
     latencies = {"cpu": make_costs(seed + 1, cache.positions, cache.heads, "ms")} if draw(st.booleans()) else {}
@@ -270,9 +272,42 @@ def test_shared_kernel_without_its_pair_table_equals_brute_force(problem, small)
     assert_same_rows(df, rows, latencies)
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.integers(0, 10**6), st.booleans(), st.booleans())
-def test_many_thresholds_carried_row_for_row(seed, per_exit, small):
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.booleans().flatmap(problems), st.integers(1, 4))
+def test_plain_evaluator_equals_brute_force_row_for_row(problem, shards):
+    # search_plain (numpy, for small spaces) against the brute force: every configuration, then the front
+    cache, spec, macs, latencies = problem
+    spec = dataclasses.replace(spec, evaluator="plain")
+    rows = brute_force_rows(cache, spec, macs, latencies)
+    df = evaluate_configs(cache, spec, macs, latencies, shards=shards)
+    assert len(df) == len(rows) and df["config_id"].is_unique
+    assert_same_rows(df, rows, latencies)
+    front = search_local(cache, spec, macs, latencies, shards=shards)
+    assert_same_rows(front, brute_force_front(rows, latencies, spec), latencies)
+    assert front.attrs["n_evaluated"] == spec.n_configs()
+
+
+def test_auto_evaluates_plain_up_to_its_work_limit_and_with_the_kernels_beyond(monkeypatch):
+    from messearch import search_plain
+    from messearch.search import prepare
+    cache = make_cache(4, 3, 2, 10, 3)
+    macs = make_costs(4, cache.positions, cache.heads)
+    spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3)
+    work = spec.n_configs() * cache.n_images
+    fronts = {}
+    for limit, plain in ((work, True), (work - 1, False)):
+        monkeypatch.setattr(search_plain, "PLAIN_MAX_WORK", limit)
+        assert prepare(cache, spec, macs).plain is plain
+        fronts[plain] = search_local(cache, spec, macs, shards=2)
+    assert fronts[True].equals(fronts[False])
+    assert prepare(cache, dataclasses.replace(spec, evaluator="plain"), macs).plain
+    monkeypatch.setattr(search_plain, "PLAIN_MAX_WORK", 10**12)
+    assert not prepare(cache, dataclasses.replace(spec, evaluator="kernel"), macs).plain
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 10**6), st.booleans(), st.booleans(), st.sampled_from(["kernel", "plain"]))
+def test_many_thresholds_carried_row_for_row(seed, per_exit, small, evaluator):
     # many thresholds over many images, confidences tied to the thresholds' values: each step of the carried sums
     # adds and removes several images, some at exactly the threshold; every configuration against the brute force
     rng = np.random.default_rng(seed)
@@ -280,7 +315,7 @@ def test_many_thresholds_carried_row_for_row(seed, per_exit, small):
     thresholds = tuple(float(t) for t in rng.permutation(np.round(np.linspace(0.05, 0.95, 7 if per_exit else 12), 2)))
     cache.conf_mean = rng.choice(np.asarray(thresholds + (0.0, 1.0)), cache.conf_mean.shape)
     spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=thresholds, max_exits=3,
-                      thresholds_mode="per-exit" if per_exit else "shared")
+                      thresholds_mode="per-exit" if per_exit else "shared", evaluator=evaluator)
     macs = make_costs(seed, cache.positions, cache.heads)
     rows = brute_force_rows(cache, spec, macs, {})
     with small_blocks(small):
@@ -327,6 +362,8 @@ BAD_SPECS = {
     "repeated threshold": (lambda c: SearchSpec(c.positions, c.heads, (0.5, 0.5)), "distinct"),
     "too large": (lambda c: SearchSpec(c.positions, c.heads, tuple(np.linspace(0, 1, 200_000)), max_exits=2,
                                        thresholds_mode="per-exit"), "--force"),
+    "unknown evaluator": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), evaluator="gpu"),
+                          "evaluator 'gpu' is not allowed; use 'auto', 'kernel' or 'plain'"),
     "latency without profile": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), max_latency_ms={"gpu": 1.0}),
                                 "without a profile"),
     "NaN budget": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), max_gmacs=float("nan")), "max_gmacs nan"),
@@ -356,7 +393,7 @@ def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_pat
     cache = make_cache(7, 3, 2, 10, 3)
     macs = make_costs(7, cache.positions, cache.heads)
     spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
-                      mode="single")
+                      mode="single", evaluator="kernel")
     df = run_search(cache, spec, macs, shards=2, storage_path=tmp_path / "tune", keep_all_dir=tmp_path / "all",
                     verbose=False)
     assert_same_rows(df, brute_force_front(brute_force_rows(cache, spec, macs, {}), {}, spec), {})
@@ -376,15 +413,17 @@ def test_search_through_local_ray_writes_a_front_pandas_reads(ray_local, tmp_pat
     assert set(df["config_id"]) - {"reference"} <= set(every["config_id"])
 
 
+@pytest.mark.parametrize("evaluator", ["kernel", "plain"])
 @pytest.mark.parametrize("scale", [2**19, 2**27])
-def test_large_pixel_counts_stay_exact(scale):
-    # counts whose sums pass 2**24 (float32's exact integers; the kernels add in int32) and 2**31 (int64): bit-exact
+def test_large_pixel_counts_stay_exact(scale, evaluator):
+    # counts whose sums pass 2**24 (float32's exact integers; the kernels add in int32) and 2**31 (int64): bit-exact,
+    # the plain evaluator's float64 products too
     cache = make_cache(11, 3, 2, 12, 3)
     for name in ("tp", "pred", "gt", "n_above", "n_pixels"):
         setattr(cache, name, getattr(cache, name) * scale)
     macs = make_costs(11, cache.positions, cache.heads)
     spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
-                      policy_kind="fraction", pixel_threshold_bin=2)
+                      policy_kind="fraction", pixel_threshold_bin=2, evaluator=evaluator)
     from messearch.search import prepare
     prep = prepare(cache, spec, macs)
     assert prep.xt.dtype == (np.int32 if scale == 2**19 else np.int64) and int(prep.base.max()) >= 2**24
@@ -486,7 +525,7 @@ def test_the_kernels_hand_over_few_rows_and_count_every_configuration():
     from messearch.search_spec import plan_items
     for mode in ("shared", "per-exit"):
         spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.2, 0.4, 0.5, 0.6, 0.8),
-                          max_exits=3, thresholds_mode=mode)
+                          max_exits=3, thresholds_mode=mode, evaluator="kernel")
         prep = prepare(cache, spec, macs)
         sink = shard_front.FrontSink(prep)
         taken = []

@@ -1,0 +1,78 @@
+"""The plain evaluator: a small space's cascades in numpy, without the compiled kernels. The kernels' first compile
+on a machine takes about 8 s and each process's load of them about 0.5 s, while numpy evaluates about 45M
+configuration-images a second (the quickstart's 17,880 configurations over 128 images in 0.06 s); up to
+PLAIN_MAX_WORK of them a search is quicker plain. Its rows are the kernels' exactly: the same per-image count rows
+summed exactly, metrics through search.block_metrics (the tests compare them row for row)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .config import KIND_CASCADE
+
+PLAIN_MAX_WORK = 20_000_000   # "auto" evaluates plain up to this many configurations x images (about 0.5 s)
+BLOCK_CELLS = 1 << 22         # configurations x images of one numpy block (its 0/1 rows: this x 8 B in float64)
+
+
+def use_plain(spec, n_images: int) -> bool:
+    """Whether a search of `spec` over n_images runs the plain evaluator: asked for, or "auto" and it is small."""
+    return spec.evaluator == "plain" or (spec.evaluator == "auto" and spec.n_configs() * n_images <= PLAIN_MAX_WORK)
+
+
+def _cascades(prep, roots, k: int):
+    """The (exits, threshold indices) [M, k] of every k-exit cascade whose first exit is at position p with first
+    threshold index t, (t, p) in roots (one position)."""
+    h, t = len(prep.heads), len(prep.thresholds)
+    (p1,) = {int(p) for _, p in roots}
+    firsts = np.array([int(r) for r, _ in roots], np.int64)
+    later = list(itertools.combinations(range(p1 + 1, len(prep.positions)), k - 1))
+    if not later:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.int64)
+    pos = np.array([(p1, *c) for c in later], np.int64).reshape(len(later), k)
+    heads = np.stack(np.meshgrid(*[np.arange(h)] * k, indexing="ij"), axis=-1).reshape(-1, k)
+    exits = (pos[:, None, :] * h + heads[None, :, :]).reshape(-1, k)
+    if prep.shared or k == 1:
+        steps = firsts[:, None].repeat(k, axis=1)
+    else:
+        rest = np.stack(np.meshgrid(*[np.arange(t)] * (k - 1), indexing="ij"), axis=-1).reshape(-1, k - 1)
+        steps = np.concatenate([firsts.repeat(len(rest))[:, None], np.tile(rest, (len(firsts), 1))], axis=1)
+    return np.tile(exits, (len(steps), 1)), np.repeat(steps, len(exits), axis=0)
+
+
+def _block_counts(prep, exits: np.ndarray, tidx: np.ndarray):
+    """Counts [M, W] (int64) and images leaving at each exit [M, k] of M cascades: each image takes the first exit
+    whose confidence reaches its threshold, else the final head (whose totals are prep.base).
+
+    The sums over images are float64 products of 0/1 rows with the count rows, grouped by exit: exact, because
+    search.prepare has checked that every sum of count rows stays below 2**53."""
+    m, k = exits.shape
+    rows = prep.memo.get("plain_rows")
+    if rows is None:
+        rows = prep.memo["plain_rows"] = np.ascontiguousarray(prep.xd.transpose(1, 0, 2), np.float64)   # [E, N, W]
+    sums = np.zeros((m, prep.width))
+    n_at = np.zeros((m, k), np.int64)
+    alive = np.ones((m, prep.n), bool)
+    for j in range(k):
+        take = alive & ~prep.fail[:, exits[:, j], tidx[:, j]].T
+        alive &= ~take
+        n_at[:, j] = take.sum(axis=1)
+        for e in np.unique(exits[:, j]):
+            at = np.flatnonzero(exits[:, j] == e)
+            sums[at] += take[at].astype(np.float64) @ rows[e]
+    return prep.base + sums.astype(np.int64), n_at
+
+
+def eval_tree_plain(prep, roots, sink) -> None:
+    """Evaluate every cascade whose first exit is at position p with first threshold index t, (t, p) in roots (one
+    position); hands every row to sink.add (the sink keeps the front)."""
+    from .search import block_metrics   # search imports this module
+
+    per_block = max(1, BLOCK_CELLS // max(1, prep.n))
+    for k in range(1, prep.max_exits + 1):
+        exits, tidx = _cascades(prep, roots, k)
+        for s in range(0, len(exits), per_block):
+            ex, ti = exits[s:s + per_block], tidx[s:s + per_block]
+            counts, n_at = _block_counts(prep, ex, ti)
+            sink.add(block_metrics(prep, KIND_CASCADE, ex, ti, counts, n_at))
