@@ -26,7 +26,7 @@ from .config import KIND_CASCADE, KIND_REFERENCE, KIND_STATIC
 from .cost_table import CostTable
 from .errors import MessError
 from .search_per_exit import eval_tree
-from .search_plain import eval_tree_plain, use_plain
+from .search_plain import plain_blocks, use_plain
 from .search_shared import eval_tree_shared
 from .search_spec import SearchSpec
 
@@ -211,7 +211,10 @@ def evaluate_items(prep: Prepared, items: list[tuple], sink, progress=None) -> N
         else:
             sink.add(static_rows(prep))
     for key in sorted(trees):
-        evaluate = eval_tree_plain if prep.plain else eval_tree_shared if prep.shared else eval_tree
-        evaluate(prep, trees[key], sink)
+        if prep.plain:   # every row to the sink, which keeps the front
+            for exits, tidx, counts, n_at in plain_blocks(prep, trees[key]):
+                sink.add(block_metrics(prep, KIND_CASCADE, exits, tidx, counts, n_at))
+        else:
+            (eval_tree_shared if prep.shared else eval_tree)(prep, trees[key], sink)
         if progress is not None:
             progress(sink)

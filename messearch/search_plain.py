@@ -10,8 +10,6 @@ import itertools
 
 import numpy as np
 
-from .config import KIND_CASCADE
-
 PLAIN_MAX_WORK = 20_000_000   # "auto" evaluates plain up to this many configurations x images (about 0.5 s)
 BLOCK_CELLS = 1 << 22         # configurations x images of one numpy block (its 0/1 rows: this x 8 B in float64)
 
@@ -64,15 +62,12 @@ def _block_counts(prep, exits: np.ndarray, tidx: np.ndarray):
     return prep.base + sums.astype(np.int64), n_at
 
 
-def eval_tree_plain(prep, roots, sink) -> None:
-    """Evaluate every cascade whose first exit is at position p with first threshold index t, (t, p) in roots (one
-    position); hands every row to sink.add (the sink keeps the front)."""
-    from .search import block_metrics   # search imports this module
-
+def plain_blocks(prep, roots):
+    """Every cascade whose first exit is at position p with first threshold index t, (t, p) in roots (one
+    position), in blocks: (exits, threshold indices, counts, images leaving at each exit), for search.block_metrics."""
     per_block = max(1, BLOCK_CELLS // max(1, prep.n))
     for k in range(1, prep.max_exits + 1):
         exits, tidx = _cascades(prep, roots, k)
         for s in range(0, len(exits), per_block):
             ex, ti = exits[s:s + per_block], tidx[s:s + per_block]
-            counts, n_at = _block_counts(prep, ex, ti)
-            sink.add(block_metrics(prep, KIND_CASCADE, ex, ti, counts, n_at))
+            yield (ex, ti, *_block_counts(prep, ex, ti))
