@@ -1,8 +1,8 @@
 """The plain evaluator: a small space's cascades in numpy, without the compiled kernels. The kernels' first compile
-on a machine takes about 8 s and each process's load of them about 0.5 s, while numpy evaluates about 45M
-configuration-images a second (the quickstart's 17,880 configurations over 128 images in 0.06 s); up to
-PLAIN_MAX_WORK of them a search is quicker plain. Its rows are the kernels' exactly: the same per-image count rows
-summed exactly, metrics through search.block_metrics (the tests compare them row for row)."""
+on a machine takes about 8 s and each process's load of them about 0.5 s; numpy takes about 1.6 us per
+configuration plus 12 ns per configuration and image (the quickstart's 17,880 configurations over 128 images in
+0.06 s). Up to PLAIN_MAX_WORK (about 0.5 s) a search is quicker plain. Its rows are the kernels' exactly: the same
+per-image count rows summed exactly, metrics through search.block_metrics (the tests compare them row for row)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,19 @@ import itertools
 
 import numpy as np
 
-PLAIN_MAX_WORK = 20_000_000   # "auto" evaluates plain up to this many configurations x images (about 0.5 s)
-BLOCK_CELLS = 1 << 22         # configurations x images of one numpy block (its 0/1 rows: this x 8 B in float64)
+PLAIN_MAX_WORK = 40_000_000   # "auto" evaluates plain up to this work (plain_work), about 0.5 s
+ROW_IMAGES = 130              # a configuration's row (its metrics, the front's filter) costs about as much as 130 images
+BLOCK_CELLS = 1 << 22         # configurations x (images + row width) of one numpy block: this x 8 B in float64
+
+
+def plain_work(spec, n_images: int) -> int:
+    """The plain evaluator's work for a space over n_images: configurations x (images + ROW_IMAGES)."""
+    return spec.n_configs() * (int(n_images) + ROW_IMAGES)
 
 
 def use_plain(spec, n_images: int) -> bool:
     """Whether a search of `spec` over n_images runs the plain evaluator: asked for, or "auto" and it is small."""
-    return spec.evaluator == "plain" or (spec.evaluator == "auto" and spec.n_configs() * n_images <= PLAIN_MAX_WORK)
+    return spec.evaluator == "plain" or (spec.evaluator == "auto" and plain_work(spec, n_images) <= PLAIN_MAX_WORK)
 
 
 def _cascades(prep, roots, k: int):
@@ -65,7 +71,7 @@ def _block_counts(prep, exits: np.ndarray, tidx: np.ndarray):
 def plain_blocks(prep, roots):
     """Every cascade whose first exit is at position p with first threshold index t, (t, p) in roots (one
     position), in blocks: (exits, threshold indices, counts, images leaving at each exit), for search.block_metrics."""
-    per_block = max(1, BLOCK_CELLS // max(1, prep.n))
+    per_block = max(1, BLOCK_CELLS // (prep.n + prep.width))
     for k in range(1, prep.max_exits + 1):
         exits, tidx = _cascades(prep, roots, k)
         for s in range(0, len(exits), per_block):

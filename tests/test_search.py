@@ -293,7 +293,7 @@ def test_auto_evaluates_plain_up_to_its_work_limit_and_with_the_kernels_beyond(m
     cache = make_cache(4, 3, 2, 10, 3)
     macs = make_costs(4, cache.positions, cache.heads)
     spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3)
-    work = spec.n_configs() * cache.n_images
+    work = search_plain.plain_work(spec, cache.n_images)
     fronts = {}
     for limit, plain in ((work, True), (work - 1, False)):
         monkeypatch.setattr(search_plain, "PLAIN_MAX_WORK", limit)
