@@ -3,6 +3,7 @@ work items (`plan_items`), balanced over shards (`assign_shards`)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -63,6 +64,9 @@ class SearchSpec:
                              self.thresholds_mode, self.mode, reference=False)
 
 
+BOUNDARY_SLACK = 0.05   # a shard of whole trees may be this share larger or smaller than its share of the work
+
+
 def plan_items(spec: SearchSpec) -> list[tuple]:
     """Work items with their size: ("tree", t_root, first_position, n_configs), plus ("static", n) in single mode."""
     p, h, t, k = len(spec.positions), len(spec.heads), len(spec.thresholds), int(spec.max_exits)
@@ -82,8 +86,9 @@ def assign_shards(items: list[tuple], n_shards: int, whole_trees: bool = False) 
     a tree carries its sums from one threshold to the next, which pays more the closer they are.
 
     whole_trees (shared thresholds): a tree's pass over its images serves all the thresholds it holds, so a tree
-    split over shards repeats that pass; the items, position-major, are cut into n_shards contiguous runs of
-    near-equal size instead, which splits at most n_shards - 1 trees."""
+    split over shards repeats that pass (and its pair table); the items, position-major, are cut into n_shards
+    contiguous runs of near-equal size instead, at whole trees where that costs little balance, which splits at
+    most n_shards - 1 trees."""
     n_shards = max(1, int(n_shards))
     if whole_trees:
         return _contiguous_runs(items, n_shards)
@@ -104,16 +109,24 @@ def assign_shards(items: list[tuple], n_shards: int, whole_trees: bool = False) 
 
 def _contiguous_runs(items: list[tuple], n_shards: int) -> list[list[tuple]]:
     """The items by (first position, threshold), static last, cut into n_shards runs: each run takes items while
-    its size stays nearer its share of what is left (and while each later run can still have an item)."""
+    its size stays nearer its share of what is left (and while each later run can still have an item), or ends
+    at the end of a whole tree instead where that keeps it within BOUNDARY_SLACK of its share."""
     seq = sorted(items, key=lambda it: (0, it[2], it[1]) if it[0] == "tree" else (1, 0, 0))
-    left, i, shards = sum(it[-1] for it in seq), 0, []
+    sizes = [it[-1] for it in seq]
+    cum = [0, *itertools.accumulate(sizes)]
+    ends = [j for j in range(1, len(seq)) if seq[j][0] != "tree" or seq[j][2] != seq[j - 1][2]]   # a tree ends
+    left, i, shards = cum[-1], 0, []
     for k in range(n_shards):
         runs_left = n_shards - k
-        share, run, size = left / runs_left, [], 0
-        while i < len(seq) and (not run or (size + seq[i][-1] / 2 <= share and len(seq) - i >= runs_left)):
-            run.append(seq[i])
-            size += seq[i][-1]
-            i += 1
-        shards.append(run)
-        left -= size
+        share, end = left / runs_left, i
+        while end < len(seq) and (end == i or (cum[end] - cum[i] + sizes[end] / 2 <= share
+                                               and len(seq) - end >= runs_left)):
+            end += 1
+        if runs_left > 1:   # a tree cut in two repeats its pass over the images and its pair table in both shards
+            near = [(abs(cum[b] - cum[i] - share), b) for b in ends if i < b <= len(seq) - (runs_left - 1)
+                    and abs(cum[b] - cum[i] - share) <= BOUNDARY_SLACK * share]
+            end = min(near)[1] if near else end
+        shards.append(seq[i:end])
+        left -= cum[end] - cum[i]
+        i = end
     return shards
