@@ -9,6 +9,7 @@ import argparse
 import json
 
 from .cli_prepare import SPACE_HELP
+from .search_spec import EVALUATORS
 from .errors import MessError
 
 def _device_budget(items: list[str] | None) -> dict[str, float]:
@@ -47,7 +48,7 @@ def _add_search(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search (Tuner.restore)")
     p.add_argument("--force", action="store_true", help="search even a space estimated too large for this machine")
     p.add_argument("--local", action="store_true", help="run the shards in this process, without Ray")
-    p.add_argument("--evaluator", choices=("auto", "kernel", "plain"), default="auto",
+    p.add_argument("--evaluator", choices=EVALUATORS, default="auto",
                    help="compiled kernels, or numpy for a small space without their first compile (auto: by size; "
                         "the same rows either way)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

@@ -6,6 +6,7 @@ The evaluator is `search`; merging the shards' candidates into the front and wri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -112,6 +113,8 @@ def _read_plan(key_file: Path) -> dict:
 
 
 def _plan_key(spec: SearchSpec, n_shards: int, cache: CacheArrays) -> str:
+    """What a resumed run must share with the run it continues (not the evaluator: the rows are the same)."""
+    spec = dataclasses.replace(spec, evaluator="auto")
     text = repr((spec, n_shards, cache.n_images, cache.image_ids[:3], cache.image_ids[-3:]))
     return sha256_text(text)
 
@@ -191,7 +194,8 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
         kernels_s.append(float(result.metrics.get("kernels_s", 0.0)))
     df = finish_front(prep, spec, parts)
     # shard_cpu_s: CPU seconds the shards spent evaluating (configurations per CPU second = per-core speed), of
-    # which shard_thread_cpu_s in the evaluating thread (the rest: Ray's own threads in the trial process); shard_eval_s: each shard's evaluation wall time; shard_kernels_s: each trial's load of the compiled kernel
+    # which shard_thread_cpu_s in the evaluating thread (the rest: other threads, Ray's or BLAS's);
+    # shard_eval_s: each shard's evaluation wall time; shard_kernels_s: each trial's load of the compiled kernel
     # before it; trial_max_rss_mb: the largest trial process's peak memory
     df.attrs.update(n_evaluated=total, seconds=time.perf_counter() - t0, shard_cpu_s=cpu_s,
                     shard_thread_cpu_s=thread_s, shard_eval_s=eval_s, shard_kernels_s=kernels_s, trial_max_rss_mb=rss)
@@ -222,7 +226,7 @@ class SearchOptions:
     seed: int = 0                     # of the resamples and of the hold-out split
     holdout: float | None = None      # share of the cached images kept out of the search, to check its rows
     holdout_by: str = "image"         # image | group (file-name prefix: CamVid sequence, Cityscapes city)
-    evaluator: str = "auto"           # auto | kernel | plain (search_plain): how, the rows are the same
+    evaluator: str = "auto"           # search_spec.EVALUATORS: how; the rows are the same
 
 
 def search_spec_for(space, opts: SearchOptions, policy=None):

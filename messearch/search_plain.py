@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 
 PLAIN_MAX_WORK = 40_000_000   # "auto" evaluates plain up to this work (plain_work), about 0.5 s
-ROW_IMAGES = 130              # a configuration's row (its metrics, the front's filter) costs about as much as 130 images
+ROW_IMAGES = 130              # a configuration's row (metrics, the front's filter) costs about 130 images
 BLOCK_CELLS = 1 << 22         # configurations x (images + row width) of one numpy block: this x 8 B in float64
 
 
@@ -25,24 +25,30 @@ def use_plain(spec, n_images: int) -> bool:
     return spec.evaluator == "plain" or (spec.evaluator == "auto" and plain_work(spec, n_images) <= PLAIN_MAX_WORK)
 
 
-def _cascades(prep, roots, k: int):
+def _cascades(prep, roots, k: int, rows: int):
     """The (exits, threshold indices) [M, k] of every k-exit cascade whose first exit is at position p with first
-    threshold index t, (t, p) in roots (one position)."""
-    h, t = len(prep.heads), len(prep.thresholds)
+    threshold index t, (t, p) in roots (one position), in arrays of about `rows` (built as they are used)."""
+    h, n_thr = len(prep.heads), len(prep.thresholds)
     (p1,) = {int(p) for _, p in roots}
-    firsts = np.array([int(r) for r, _ in roots], np.int64)
-    later = list(itertools.combinations(range(p1 + 1, len(prep.positions)), k - 1))
-    if not later:
-        return np.zeros((0, k), np.int64), np.zeros((0, k), np.int64)
-    pos = np.array([(p1, *c) for c in later], np.int64).reshape(len(later), k)
     heads = np.stack(np.meshgrid(*[np.arange(h)] * k, indexing="ij"), axis=-1).reshape(-1, k)
-    exits = (pos[:, None, :] * h + heads[None, :, :]).reshape(-1, k)
     if prep.shared or k == 1:
-        steps = firsts[:, None].repeat(k, axis=1)
+        firsts, rest = [[int(t)] * k for t, _ in roots], [()]
     else:
-        rest = np.stack(np.meshgrid(*[np.arange(t)] * (k - 1), indexing="ij"), axis=-1).reshape(-1, k - 1)
-        steps = np.concatenate([firsts.repeat(len(rest))[:, None], np.tile(rest, (len(firsts), 1))], axis=1)
-    return np.tile(exits, (len(steps), 1)), np.repeat(steps, len(exits), axis=0)
+        firsts = [[int(t)] for t, _ in roots]
+        rest = list(itertools.product(range(n_thr), repeat=k - 1))
+    tidx = np.array([f + list(r) for f in firsts for r in rest], np.int64).reshape(-1, k)
+    parts, size, per = [], 0, max(1, rows // len(heads))   # threshold rows per part
+    for later in itertools.combinations(range(p1 + 1, len(prep.positions)), k - 1):
+        exits = np.array((p1, *later), np.int64) * h + heads
+        for s in range(0, len(tidx), per):
+            ti = tidx[s:s + per]
+            parts.append((np.tile(exits, (len(ti), 1)), np.repeat(ti, len(exits), axis=0)))
+            size += len(exits) * len(ti)
+            if size >= rows:
+                yield np.concatenate([e for e, _ in parts]), np.concatenate([t for _, t in parts])
+                parts, size = [], 0
+    if parts:
+        yield np.concatenate([e for e, _ in parts]), np.concatenate([t for _, t in parts])
 
 
 def _block_counts(prep, exits: np.ndarray, tidx: np.ndarray):
@@ -73,7 +79,7 @@ def plain_blocks(prep, roots):
     position), in blocks: (exits, threshold indices, counts, images leaving at each exit), for search.block_metrics."""
     per_block = max(1, BLOCK_CELLS // (prep.n + prep.width))
     for k in range(1, prep.max_exits + 1):
-        exits, tidx = _cascades(prep, roots, k)
-        for s in range(0, len(exits), per_block):
-            ex, ti = exits[s:s + per_block], tidx[s:s + per_block]
-            yield (ex, ti, *_block_counts(prep, ex, ti))
+        for exits, tidx in _cascades(prep, roots, k, per_block):
+            for s in range(0, len(exits), per_block):
+                ex, ti = exits[s:s + per_block], tidx[s:s + per_block]
+                yield (ex, ti, *_block_counts(prep, ex, ti))

@@ -11,6 +11,9 @@ from .config import count_configs, tree_size
 from .errors import MessError
 
 
+EVALUATORS = ("auto", "kernel", "plain")   # the compiled kernels, search_plain's numpy, or by size
+
+
 @dataclass
 class SearchSpec:
     """What to search: candidate exits, thresholds, exit policy, mode, and optional constraints on the front."""
@@ -27,7 +30,7 @@ class SearchSpec:
     max_latency_ms: dict[str, float] = field(default_factory=dict)
     min_miou: float | None = None
     max_miou_drop_pp: float | None = None
-    # how, not what (the rows are the same): auto (plain numpy for small spaces, search_plain) | kernel | plain
+    # how, not what (the rows are the same): one of EVALUATORS; auto: plain numpy for a small space (search_plain)
     evaluator: str = "auto"
     # SearchSpec.from_space(space, ...) is added next to the Space class.
 
@@ -41,8 +44,8 @@ class SearchSpec:
             raise MessError(f"thresholds mode {self.thresholds_mode!r} is not allowed; use 'shared' or 'per-exit'")
         if self.mode not in ("cascade", "single"):
             raise MessError(f"search mode {self.mode!r} is not allowed; use 'cascade' or 'single'")
-        if self.evaluator not in ("auto", "kernel", "plain"):
-            raise MessError(f"evaluator {self.evaluator!r} is not allowed; use 'auto', 'kernel' or 'plain'")
+        if self.evaluator not in EVALUATORS:
+            raise MessError(f"evaluator {self.evaluator!r} is not allowed; use one of {', '.join(EVALUATORS)}")
         if self.policy_kind not in ("mean", "fraction"):
             raise MessError(f"exit policy kind {self.policy_kind!r} is not allowed; use 'mean' or 'fraction'")
         if not self.positions or not self.heads:

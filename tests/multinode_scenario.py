@@ -192,13 +192,14 @@ def main() -> int:
 
         # --- search across the cluster: in this driver, and through the `ray submit` entry script
         t_search = time.perf_counter()
-        search_to_front(out / "cache", out / "pareto_cluster.parquet", SearchOptions(shards=2))
+        # the compiled kernels across the cluster; the local front below is searched plain (auto, a small space)
+        search_to_front(out / "cache", out / "pareto_cluster.parquet", SearchOptions(shards=2, evaluator="kernel"))
         search_s = time.perf_counter() - t_search
         (out / "run").mkdir(exist_ok=True)
         t_run = time.perf_counter()
         env = dict(os.environ, RAY_ADDRESS=cluster.address, PYTHONPATH=str(REPO))
         proc = subprocess.run([sys.executable, str(REPO / "cluster" / "run.py"), "search", "--cache", str(out / "cache"),
-                               "--out", str(out / "run" / "pareto_run.parquet"), "--shards", "2"],
+                               "--out", str(out / "run" / "pareto_run.parquet"), "--shards", "2", "--evaluator", "kernel"],
                               env=env, capture_output=True, text=True, timeout=180)
         run_s = time.perf_counter() - t_run
         if proc.returncode != 0:

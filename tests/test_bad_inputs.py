@@ -644,8 +644,9 @@ def test_ctrl_c_mid_tune_then_resume_gives_the_same_front(env, tmp_path, capsys)
     from messearch.front import read_front
 
     out = tmp_path / "pareto.parquet"
-    # 8 trials on 2 CPUs: when the first trial's folder appears, most trials are still to run
-    argv = ["search", "--cache", env["cache"], "--out", str(out), "--shards", "8"]
+    # 8 trials on 2 CPUs: when the first trial's folder appears, most trials are still to run (each loads the
+    # compiled kernels, which a space this small would skip); the reference front was searched plain
+    argv = ["search", "--cache", env["cache"], "--out", str(out), "--shards", "8", "--evaluator", "kernel"]
     rc, err, left = _interrupt(argv, lambda tag: any((tmp_path / "tune" / "messearch_search").glob("_shard_trial_*")),
                                signal.SIGINT, group=True)
     assert rc == 130, err
@@ -681,7 +682,7 @@ def test_a_tune_trial_that_raises_once_is_retried_and_the_front_is_identical(env
     monkeypatch.setattr(driver, "_shard_trial", flaky)
     out = tmp_path / "pareto.parquet"
     try:
-        assert main(["search", "--cache", env["cache"], "--out", str(out), "--shards", "2"]) == 0
+        assert main(["search", "--cache", env["cache"], "--out", str(out), "--shards", "2", "--evaluator", "kernel"]) == 0
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert not marker.exists()   # the fault did fire

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from messearch import search_kernel, search_shared, shard_front, stats
+from messearch import search_kernel, search_plain, search_shared, shard_front, stats
 from messearch.cache_format import CacheArrays
 from messearch.errors import MessError
 from messearch.config import config_id
@@ -207,14 +207,15 @@ SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(H
 
 @contextlib.contextmanager
 def small_blocks(on: bool):
-    """An output buffer of one threshold's rows: the kernels pause after every (prefix, new exit) pair and resume."""
-    saved = search_kernel.OUT_ROWS
+    """An output buffer of one threshold's rows: the kernels pause after every (prefix, new exit) pair and resume;
+    the plain evaluator sums one configuration a block."""
+    saved = search_kernel.OUT_ROWS, search_plain.BLOCK_CELLS
     if on:
-        search_kernel.OUT_ROWS = 1
+        search_kernel.OUT_ROWS, search_plain.BLOCK_CELLS = 1, 1
     try:
         yield
     finally:
-        search_kernel.OUT_ROWS = saved
+        search_kernel.OUT_ROWS, search_plain.BLOCK_CELLS = saved
 
 
 @SETTINGS
@@ -273,13 +274,14 @@ def test_shared_kernel_without_its_pair_table_equals_brute_force(problem, small)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.booleans().flatmap(problems), st.integers(1, 4))
-def test_plain_evaluator_equals_brute_force_row_for_row(problem, shards):
+@given(st.booleans().flatmap(problems), st.integers(1, 4), st.booleans())
+def test_plain_evaluator_equals_brute_force_row_for_row(problem, shards, small):
     # search_plain (numpy, for small spaces) against the brute force: every configuration, then the front
     cache, spec, macs, latencies = problem
     spec = dataclasses.replace(spec, evaluator="plain")
     rows = brute_force_rows(cache, spec, macs, latencies)
-    df = evaluate_configs(cache, spec, macs, latencies, shards=shards)
+    with small_blocks(small):
+        df = evaluate_configs(cache, spec, macs, latencies, shards=shards)
     assert len(df) == len(rows) and df["config_id"].is_unique
     assert_same_rows(df, rows, latencies)
     front = search_local(cache, spec, macs, latencies, shards=shards)
@@ -347,7 +349,7 @@ def test_ties_resolved_by_fewest_exits_then_config_id():
     cache.conf_mean[:] = 1.0
     pos, heads = cache.positions, cache.heads
     macs = Costs(pos, heads, np.array([10, 20, 30]) * 10**9, 40 * 10**9, np.zeros((3, 2), dtype=np.int64), 10**9)
-    spec = SearchSpec(positions=pos, heads=heads, thresholds=(0.5, 0.9), max_exits=3)
+    spec = SearchSpec(positions=pos, heads=heads, thresholds=(0.5, 0.9), max_exits=3, evaluator="kernel")
     df = search_local(cache, spec, macs, shards=3)
     rows = brute_force_rows(cache, spec, macs, {})
     assert_same_rows(df, brute_force_front(rows, {}, spec), {})
@@ -363,7 +365,7 @@ BAD_SPECS = {
     "too large": (lambda c: SearchSpec(c.positions, c.heads, tuple(np.linspace(0, 1, 200_000)), max_exits=2,
                                        thresholds_mode="per-exit"), "--force"),
     "unknown evaluator": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), evaluator="gpu"),
-                          "evaluator 'gpu' is not allowed; use 'auto', 'kernel' or 'plain'"),
+                          "evaluator 'gpu' is not allowed; use one of auto, kernel, plain"),
     "latency without profile": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), max_latency_ms={"gpu": 1.0}),
                                 "without a profile"),
     "NaN budget": (lambda c: SearchSpec(c.positions, c.heads, (0.5,), max_gmacs=float("nan")), "max_gmacs nan"),
@@ -432,16 +434,16 @@ def test_large_pixel_counts_stay_exact(scale, evaluator):
     assert_same_rows(search_local(cache, spec, macs, shards=2), brute_force_front(rows, {}, spec), {})
 
 
-def test_the_front_does_not_depend_on_the_number_of_shards():
+def test_the_front_does_not_depend_on_the_number_of_shards_or_the_evaluator():
     cache = make_cache(21, 4, 2, 9, 3)
     macs = make_costs(21, cache.positions, cache.heads)
     for mode in ("shared", "per-exit"):
         spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.6, 0.3, 0.8), max_exits=3,
-                          thresholds_mode=mode, mode="single")
+                          thresholds_mode=mode, mode="single", evaluator="kernel")
         one = search_local(cache, spec, macs, shards=1)
-        for shards in (2, 3, 7, 40):
-            other = search_local(cache, spec, macs, shards=shards)
-            assert other.equals(one) and other.attrs["n_evaluated"] == spec.n_configs(), (mode, shards)
+        for shards, evaluator in itertools.product((1, 2, 3, 7, 40), ("kernel", "plain")):
+            other = search_local(cache, dataclasses.replace(spec, evaluator=evaluator), macs, shards=shards)
+            assert other.equals(one) and other.attrs["n_evaluated"] == spec.n_configs(), (mode, shards, evaluator)
 
 
 def test_keep_all_writes_every_configuration_in_chunks(tmp_path, monkeypatch):
@@ -449,7 +451,7 @@ def test_keep_all_writes_every_configuration_in_chunks(tmp_path, monkeypatch):
     cache = make_cache(5, 3, 2, 8, 3)
     macs = make_costs(5, cache.positions, cache.heads)
     spec = SearchSpec(positions=cache.positions, heads=cache.heads, thresholds=(0.3, 0.5, 0.7), max_exits=3,
-                      thresholds_mode="per-exit")
+                      thresholds_mode="per-exit", evaluator="kernel")
     search_local(cache, spec, macs, shards=2, keep_all_dir=tmp_path / "all")
     files = list((tmp_path / "all").rglob("*.parquet"))
     assert len(files) >= spec.n_configs() // 40   # written as it went, ~KEEP_ALL_ROWS rows at a time
@@ -491,10 +493,16 @@ def test_shards_take_contiguous_thresholds_with_the_same_loads():
     for n, whole_trees in itertools.product((1, 2, 3, 4, 7), (False, True)):
         shards = assign_shards(items, n, whole_trees)
         assert sorted(it for s in shards for it in s) == sorted(items)   # every item once
-        loads = sorted(sum(it[-1] for it in s) for s in shards)
-        # LPT balance kept; whole trees: a shard may end at a whole tree within BOUNDARY_SLACK of its share
-        slack = 2 * BOUNDARY_SLACK * sum(loads) / n if whole_trees else 0
-        assert loads[-1] - loads[0] <= max(max(it[-1] for it in items), slack)
+        loads = [sum(it[-1] for it in s) for s in shards]
+        biggest = max(it[-1] for it in items)
+        if whole_trees:   # each run near its share of what was left: within an item, or ends a whole tree nearby
+            left = sum(loads)
+            for k, load in enumerate(loads[:-1]):
+                share = left / (n - k)
+                assert abs(load - share) <= max(biggest, BOUNDARY_SLACK * share), (n, k, load, share)
+                left -= load
+        else:
+            assert max(loads) - min(loads) <= biggest   # LPT balance kept
         for s in shards:
             for p in {it[2] for it in s if it[0] == "tree"}:
                 ts = sorted(it[1] for it in s if it[0] == "tree" and it[2] == p)
