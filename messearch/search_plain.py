@@ -25,6 +25,12 @@ def use_plain(spec, n_images: int) -> bool:
     return spec.evaluator == "plain" or (spec.evaluator == "auto" and plain_work(spec, n_images) <= PLAIN_MAX_WORK)
 
 
+def plain_bytes(prep) -> int:
+    """Peak bytes of the plain evaluator beyond the prepared cache, at most: its float64 copy of the count rows and one
+    block's arrays (0/1 rows in float64, sums, masks: about three times BLOCK_CELLS x 8 B)."""
+    return prep.n * prep.n_exits * prep.width * 8 + 3 * 8 * BLOCK_CELLS
+
+
 def _cascades(prep, roots, k: int, rows: int):
     """The (exits, threshold indices) [M, k] of every k-exit cascade whose first exit is at position p with first
     threshold index t, (t, p) in roots (one position), in arrays of about `rows` (built as they are used)."""

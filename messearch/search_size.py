@@ -13,6 +13,7 @@ from .cache_format import CacheArrays
 from .errors import MessError
 from .search import Prepared, evaluate_items, prepare
 from .search_kernel import OUT_ROWS
+from .search_plain import plain_bytes
 from .search_shared import pair_table_bytes
 from .search_shard import load_kernels
 from .search_spec import SearchSpec, plan_items
@@ -81,13 +82,17 @@ def estimate(prep: Prepared, spec: SearchSpec, items: list[tuple], cores: int, s
     m = measure_rate(prep, items, seconds)
     rate = max(m["configs_per_cpu_s"], 1.0)
     n = spec.n_configs()
-    # the cache's rows twice (image-major for static rows, exit-major for the kernels), the threshold bins, the
-    # kernels' output buffer and the shared kernel's pair table; the kernels' own state is a few prefixes' counts
-    pairs = pair_table_bytes(prep, len(prep.thresholds)) if prep.shared else 0
+    # the cache's rows twice (image-major for static rows, exit-major for the kernels) and the threshold bins; then
+    # the plain evaluator's copy and block, or the kernels' output buffer and the shared kernel's pair table (the
+    # kernels' own state is a few prefixes' counts)
+    if prep.plain:
+        own = plain_bytes(prep)
+    else:
+        own = 8 * OUT_ROWS * (prep.width + 3 * prep.max_exits + 8)
+        own += pair_table_bytes(prep, len(prep.thresholds)) if prep.shared else 0
     return {"n_configs": n, "configs_per_cpu_s": rate, "cores": int(cores), "cpu_seconds": n / rate,
             "seconds": n / rate / max(1, int(cores)), "measured_configs": m["sampled"],
-            "bytes": int(2 * prep.xd.nbytes + 9 * prep.fail.nbytes + 8 * OUT_ROWS * (prep.width + 3 * prep.max_exits + 8))
-            + pairs}
+            "bytes": int(2 * prep.xd.nbytes + 9 * prep.fail.nbytes + own)}
 
 
 def n_shards(est: dict, cores: int) -> int:
