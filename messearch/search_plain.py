@@ -26,8 +26,8 @@ def use_plain(spec, n_images: int) -> bool:
 
 
 def plain_bytes(prep) -> int:
-    """Peak bytes of the plain evaluator beyond the prepared cache, at most: its float64 copy of the count rows and one
-    block's arrays (0/1 rows in float64, sums, masks: about three times BLOCK_CELLS x 8 B)."""
+    """Peak bytes of the plain evaluator beyond the prepared cache, at most: its float64 copy of the count rows
+    and one block's arrays (0/1 rows in float64, sums, masks: about three times BLOCK_CELLS x 8 B)."""
     return prep.n * prep.n_exits * prep.width * 8 + 3 * 8 * BLOCK_CELLS
 
 
