@@ -25,6 +25,7 @@ from .train_stages import (JOINT, PLAIN, STAGE1, STAGE2, LossWeights, Runtime, S
 from .weights import load_init
 
 STATE_FORMAT = "messearch/train-state-v1"
+VAL_BATCH = 16   # the smallest validation batch (the training batch when larger)
 STAGE_NAMES = {STAGE1: "stage 1 (exit-aware backbone)", PLAIN: "original model (final head only)",
                STAGE2: "stage 2 (all candidate heads)", JOINT: "joint (backbone + candidate heads)"}
 
@@ -86,7 +87,8 @@ def _loaders(space: Space, data_spec: str, rt: Runtime, num_workers: int):
                                      seed=t.seed, drop_last=True)
     train_loader = DataLoader(train_ds, batch_size=batch, shuffle=sampler is None, sampler=sampler, drop_last=True,
                               num_workers=num_workers, generator=generator, pin_memory=rt.device.type == "cuda")
-    val_loader = DataLoader(val_ds, batch_size=batch, shuffle=False, num_workers=num_workers)
+    # validation keeps no activations for a backward pass: larger batches cost little memory and run faster
+    val_loader = DataLoader(val_ds, batch_size=max(batch, VAL_BATCH), shuffle=False, num_workers=num_workers)
     return train_loader, val_loader, generator, sampler
 
 
