@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -14,8 +15,8 @@ from messearch.errors import DataError, MessError
 from messearch.model import MESSNetwork
 from messearch.space import space_from_text
 from messearch.train import make_plan, train
-from messearch.train_stages import (STAGE2, LossWeights, StageModule, positive_filtering_distillation_loss,
-                                    positive_mask, set_trainable, stage_loss)
+from messearch.train_stages import (STAGE2, LossWeights, StageModule, make_optimizer,
+                                    positive_filtering_distillation_loss, positive_mask, set_trainable, stage_loss)
 
 TINY = """
 name: tiny
@@ -77,6 +78,31 @@ def test_stage2_step_touches_only_heads():
         opt.step()
     assert states_equal(base0, net.base.state_dict())
     assert all(p.grad is None for p in net.base.parameters())
+
+
+def test_optimizer_is_fused_adamw_with_no_decay_on_bn_and_biases():
+    # the fused kernel (where torch has it) must make the same steps as torch's reference AdamW on the same groups
+    torch.manual_seed(0)
+    # no bias before the BN: its gradient is rounding noise, which Adam would blow up to steps of size lr
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    ref = copy.deepcopy(net)
+    opt = make_optimizer(net, 0.01, 0.1)
+    decay = [p for p in ref.parameters() if p.ndim > 1]
+    no_decay = [p for p in ref.parameters() if p.ndim <= 1]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=0.01, foreach=False, fused=False)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert [tuple(p.shape) for p in opt.param_groups[1]["params"]] == [(4,), (4,), (2,)]   # BN weight, bias; bias
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert opt.defaults["fused"] is True
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        for m, o in ((net, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), (p - q).abs().max()
 
 
 def test_positive_filtering_masks_exactly_the_right_pixels():
