@@ -266,12 +266,13 @@ def make_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.o
     for p in module.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
+
     def groups() -> list[dict]:   # fresh dicts: the optimizer writes its defaults into the ones it is given
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     try:
         return torch.optim.AdamW(groups(), lr=lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):   # fused AdamW on CPU needs torch >= 2.4
+    except (RuntimeError, ValueError):   # fused AdamW on CPU needs torch >= 2.4
         return torch.optim.AdamW(groups(), lr=lr)
 
 
