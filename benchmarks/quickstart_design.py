@@ -52,6 +52,12 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "os8_80_mixhard_fast": ({}, {**OS8, "input_size": [80, 80], "data": "synthetic:mix=1/1/2"}, FAST),
     "os8_96_128img": ({}, {**OS8, "input_size": [96, 96]}, {**FAST, "train_images": 128}),
     "hardcast_fast": ({"cast_sigma": 0.2, "cast_ramp": [2 / 3, 1.0]}, {}, FAST),
+    # Round 3 (eighth session, CPU): from medium scenes on, the class hue only on a rim; the inside neutral
+    # or in another class's hue (a decoy), so a pixel inside needs a view that reaches the rim.
+    "rim": ({"rim_from": 1 / 3}, {}, {}),
+    "rim_decoy": ({"rim_from": 1 / 3, "rim_decoy": True}, {}, {}),
+    "rim_big": ({"rim_from": 1 / 3, "radius": [0.3, 0.4], "rim_width": 0.05}, {}, {}),
+    "shape_medium": ({"colour_kept_until": 1 / 3, "texture_kept_until": 1 / 3}, {}, {}),
 }
 SMOKE = {"space": {"input_size": [32, 32], "positions": ["backbone.layer1.0", "backbone.layer3.1", "backbone.layer4.1"]},
          "train": {"train_images": 8, "val_images": 4, "epochs_stage1": 1, "epochs_stage2": 1, "batch_size": 4},

@@ -28,7 +28,9 @@ What h controls (easy h -> 0, hard h -> 1):
 - background: plain grey (every easy scene) ... blended (up to 60%) with a smooth two-colour field in class hues;
 - camouflage: a random colour offset per block of about S/4 pixels (20 at the quickstart's 80x80; sigma 0 on
   easy scenes, up to 0.25 when h = 1), so that a small neighbourhood's colour misleads and only a view of the whole object averages it out;
-- Gaussian pixel noise with sigma 0.15 * h**1.5 (below 0.03 for easy scenes).
+- Gaussian pixel noise with sigma 0.15 * h**1.5 (below 0.03 for easy scenes);
+- off in the default design: from h = rim_from on, the class hue only on a rim of each object, its inside neutral
+  grey or another class's hue (a probe of what needs depth: results/README.md).
 So colour solves easy scenes with a shallow feature; hard scenes need a large receptive field (depth).
 """
 
@@ -80,6 +82,9 @@ class SceneDesign:
     cast_sigma: float = 0.0                         # one colour cast over the whole image, at full strength
     cast_ramp: tuple[float, float] = (1 / 3, 2 / 3)
     noise: float = 0.15                             # Gaussian pixel noise sigma at h = 1 (grows as h**1.5)
+    rim_from: float = 2.0                           # from this h on, the class hue only on a rim (2: never)
+    rim_width: float = 0.06                         # the rim, as a fraction of the image side
+    rim_decoy: bool = False                         # the inside in another class's hue (else a neutral grey)
 
 
 DESIGN = SceneDesign()
@@ -250,6 +255,15 @@ def _tri(x: np.ndarray) -> np.ndarray:
     return 2.0 * np.abs(x - np.floor(x) - 0.5)
 
 
+def _erode(mask: np.ndarray, k: int) -> np.ndarray:
+    """`mask` shrunk by k pixels (k steps of a 3x3 erosion; outside the box counts as outside)."""
+    m = mask
+    for _ in range(k):
+        p = np.pad(m, 1)
+        m = m & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:] & p[:-2, :-2] & p[2:, 2:] & p[:-2, 2:] & p[2:, :-2]
+    return m
+
+
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
     """Inside test in object coordinates (u, v already rotated and centred)."""
     if shape == "disc":
@@ -341,6 +355,16 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
             ia, ib = rng.integers(1, num_classes, size=2)
             col_a, col_b = colours[ia], colours[ib] * (0.45 if ia == ib else 1.0)
         paint = col_a[:, None, None] + (col_b - col_a)[:, None, None] * (amp * tex)
+        if h >= d.rim_from:  # the class hue on a rim only: the inside needs a view that reaches the rim
+            inner = _erode(inside, max(1, round(S * d.rim_width)))
+            if d.rim_decoy:
+                in_a = colours[int(rng.integers(1, num_classes))]
+            else:
+                in_a = np.full(3, np.float32(rng.uniform(0.3, 0.7)), dtype=np.float32)
+            other = _TEXTURES[(int(rng.integers(1, num_classes)) - 1) % len(_TEXTURES)]
+            in_tex = _texture(other[0], other[1], periods[other[2]], bx, by, rng.uniform(0, 1, size=2))
+            in_paint = in_a[:, None, None] * (1.0 - 0.55 * amp * in_tex)
+            paint = np.where(inner, in_paint, paint)
         img[:, y0:y1, x0:x1] = np.where(inside, paint, img[:, y0:y1, x0:x1])
         mask[y0:y1, x0:x1][inside] = cls
 

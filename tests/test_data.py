@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from messearch.data import build_dataset, check_dataset, parse_spec
-from messearch.data_synthetic import LEVELS, SceneDesign, class_colours, render_scene
+from messearch.data_synthetic import LEVELS, SceneDesign, _erode, class_colours, render_scene
 from messearch.errors import DataError
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
@@ -208,6 +208,26 @@ def test_a_scene_design_changes_only_what_it_names():
     from messearch import data_synthetic
 
     assert data_synthetic.DESIGN == SceneDesign()   # rendering reads the module's DESIGN, the dataclass's defaults
+
+
+def test_a_rim_design_keeps_the_class_hue_on_the_rim_only():
+    """With rim_from = 1/3, a medium scene's objects keep their class hue within the rim width of their edge and
+    lose it deeper inside (nearest class hue of a pixel); easy scenes render byte for byte as before."""
+    k, rim = 5, SceneDesign(rim_from=1 / 3)
+    cols = class_colours(k).astype(np.float64)[1:]
+    hues = cols / np.linalg.norm(cols, axis=1, keepdims=True)
+    hits = {True: [], False: []}   # deep inside: pixel in its class hue?
+    for i in range(8):
+        img, mask, _, _ = render_scene(5, "val", i, (80, 80), k, (0, 1, 0), design=rim)
+        x = img.astype(np.float64) / 255.0
+        for c in range(1, k):
+            deep = _erode(mask == c, 5)
+            for inside, where in ((True, deep), (False, (mask == c) & ~deep)):
+                d = x[where] / np.maximum(np.linalg.norm(x[where], axis=1, keepdims=True), 1e-9)
+                hits[inside].extend((1 + np.argmax(d @ hues.T, axis=1) == c).tolist())
+        easy = render_scene(5, "val", i, (80, 80), k, (1, 0, 0))
+        assert np.array_equal(easy[0], render_scene(5, "val", i, (80, 80), k, (1, 0, 0), design=rim)[0])
+    assert len(hits[True]) > 500 and np.mean(hits[True]) < 0.5 < 0.9 < np.mean(hits[False])
 
 
 # --- on-disk formats -------------------------------------------------------------------------------
