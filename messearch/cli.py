@@ -18,6 +18,11 @@ from .errors import MessError
 # Where each command writes: its --out is a file or a folder, checked before any work starts.
 OUT_IS_FOLDER = {"cache": True, "train": True, "pipeline": True, "quickstart": True,
                  "profile": False, "export": False, "search": False, "plot": False}
+# What each command reads (argument -> its name in messages): an --out that is one of them, or lies inside one, is
+# refused (it would overwrite the command's own input).
+OUT_READS = {"search": {"cache": "--cache", "space": "--space", "profile": "--profile"},
+             "export": {"checkpoint": "--checkpoint", "front": "--front"}, "profile": {"checkpoint": "--checkpoint"},
+             "plot": {"front": "front"}}
 
 # Each command: (adder, runner), in the order `--help` lists them; the runners live with their family.
 COMMANDS = {**cli_prepare.COMMANDS, **cli_front.COMMANDS}
@@ -119,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if getattr(args, "out", None) and args.command in OUT_IS_FOLDER:
-            from .files import check_writable
+        from .files import check_not_input, check_writable
 
+        if getattr(args, "out", None) and args.command in OUT_IS_FOLDER:
             check_writable(args.out, folder=OUT_IS_FOLDER[args.command])
+            check_not_input(args.out, {name: getattr(args, a) for a, name in OUT_READS.get(args.command, {}).items()})
+        if getattr(args, "onnx", None):
+            check_writable(args.onnx, folder=True, flag="--onnx")
         return COMMANDS[args.command][1](args) or 0
     except KeyboardInterrupt as e:
         code = 143 if (_terminated or isinstance(e, _Terminated)) else 130

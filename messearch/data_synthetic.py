@@ -10,7 +10,7 @@ Spec grammar (fields after `synthetic` are separated by ':' or ','):
 
 Examples: `synthetic`, `synthetic:3:200`, `synthetic:3:200:1/0/1`, `synthetic:seed=3,train=400,val=100,mix=hard`.
 Defaults: seed 0, 512 train / 128 val / 128 test images, mix 1/1/1, 8 classes (class 0 = background;
-the space's num_classes is used when the spec does not say `classes=`).
+the space's num_classes is used when the spec does not say `classes=`); at most 1,000,000 images a split.
 
 Every image has its own numpy Generator seeded by (seed, split, index), so any item is generated
 independently, in any worker, identically on every machine. Image i's level (easy/medium/hard) comes
@@ -59,6 +59,9 @@ _TEXTURES = [
     ("stripes", 45, "coarse"), ("checker", 45, "coarse"), ("stripes", 135, "coarse"),
 ]
 MAX_CLASSES = 1 + len(_TEXTURES) * len(_SHAPES)  # every object class a distinct (texture, shape) pair
+# Images per split: a data set lists its images' ids and levels up front (about 50 s and 300 MB per million here),
+# so a mistyped count is refused rather than filling the machine's memory.
+MAX_IMAGES = 1_000_000
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 # Rendering uses only IEEE-exact arithmetic and sqrt (no sin/cos/pow, whose last bit varies between
 # libm and SIMD builds), so a seed gives the same bytes on every machine with the same numpy.
@@ -167,11 +170,11 @@ def parse_synthetic(spec: str) -> SyntheticSpec:
         values[key] = value.strip()
     counts = dict(DEFAULT_COUNTS)
     if "n" in values:
-        n = _int_field(spec, "n", values["n"], 1)
+        n = _int_field(spec, "n", values["n"], 1, MAX_IMAGES)
         counts = {s: n for s in counts}
     for split in counts:
         if split in values:
-            counts[split] = _int_field(spec, split, values[split], 1)
+            counts[split] = _int_field(spec, split, values[split], 1, MAX_IMAGES)
     return SyntheticSpec(
         seed=_int_field(spec, "seed", values.get("seed", "0"), 0, 2**63 - 1),
         mix=_mix_field(spec, values["mix"]) if "mix" in values else (1 / 3, 1 / 3, 1 / 3),

@@ -26,7 +26,7 @@ from .plot import plot_front
 from .profile import profile_latency, read_profile
 from .ray_runtime import connect
 from .run_folder import check_trained, interrupted_training, model_is_current, read_record, write_record
-from .search_driver import SearchOptions, search_to_front
+from .search_driver import SearchOptions, check_options, search_to_front
 from .space import load_space
 from .train import train
 from .trust import TRUST_COLUMNS, choose, trust_words
@@ -109,6 +109,8 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
     `robust`: choose by messearch.trust.robust_mask (default ROBUST_DEFAULT).
     Returns a summary dict (also summary.md)."""
     t_start = time.perf_counter()
+    opts = search_opts or SearchOptions()
+    check_options(opts)   # later stages' options are refused before the earlier stages spend their minutes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     space = load_space(space_path)
@@ -146,7 +148,6 @@ def run_pipeline(space_path: str, data_spec: str | None, out_dir, address: str |
 
     front_path = out / "pareto.parquet"
     t = time.perf_counter()
-    opts = search_opts or SearchOptions()
     search_inputs = {"checkpoint_sha256": ckpt_sha, "cache_sha256": cache_sha,
                      "profile_sha256": profile_sha, "space_sha256": sha256_text(space.text),
                      "holdout": None if opts.holdout is None else [opts.holdout, opts.holdout_by, opts.seed]}

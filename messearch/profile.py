@@ -9,6 +9,7 @@ search predicts a configuration's latency exactly as it predicts its MACs.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import numpy as np
@@ -55,6 +56,8 @@ def profile_latency(checkpoint, device: str = "cpu", batch_size: int = 1, out=No
         raise MessError(f"--batch-size {batch_size}: must be >= 1")
     if threads is not None and threads < 1:
         raise MessError(f"--threads {threads}: allowed an integer >= 1 (torch CPU threads)")
+    if not (isinstance(min_run_time, (int, float)) and math.isfinite(min_run_time) and min_run_time > 0):
+        raise MessError(f"--min-run-time {min_run_time}: allowed a finite number of seconds > 0")
     threads = int(threads or torch.get_num_threads())
     net, space, _ = load_checkpoint(checkpoint)
     net = net.to(dev)

@@ -229,6 +229,18 @@ class SearchOptions:
     evaluator: str = "auto"           # search_spec.EVALUATORS: how; the rows are the same
 
 
+def check_options(opts: SearchOptions) -> None:
+    """MessError naming the first search option out of range (before any stage reads a cache or trains)."""
+    if opts.bootstrap < 0:
+        raise MessError(f"--bootstrap {opts.bootstrap}: the number of resamples must be 0 (none) or more")
+    if opts.shards is not None and opts.shards < 1:
+        raise MessError(f"--shards {opts.shards}: allowed an integer >= 1 (Ray Tune trials)")
+    if opts.seed < 0:   # numpy's generators take no negative seed
+        raise MessError(f"--seed {opts.seed}: allowed an integer >= 0")
+    if opts.holdout is not None:
+        trust.check_holdout(opts.holdout, opts.holdout_by)
+
+
 def search_spec_for(space, opts: SearchOptions, policy=None):
     """The SearchSpec of a space, with the options' overrides and constraints; `policy` (default the space's) is the
     exit policy the search reads from the cache."""
@@ -250,6 +262,7 @@ def search_to_front(cache_dir, out, opts: SearchOptions | None = None, space_pat
     The figures follow the cache's own space and policy: a `space_path` may change only the search's grid
     (thresholds, max_exits, mode), or the policy's bins by an exact conversion (provenance.reconcile_space)."""
     opts = opts or SearchOptions()
+    check_options(opts)
     cache = load_cache(cache_dir)
     check, trust_meta = None, {}
     if opts.holdout is not None:   # the front is formed on the search part; its rows are checked on the rest

@@ -75,6 +75,8 @@ def make_plan(space, out_dir, data_spec: str | None = None, stage: str = "both",
         raise MessError(f"--baseline {baseline!r}: allowed: {', '.join(BASELINES)}")
     if epochs is not None and epochs < 1:
         raise MessError(f"--epochs {epochs}: must be >= 1")
+    if max_steps is not None and max_steps < 1:   # 0 steps would still train one and validate none (mIoU 0)
+        raise MessError(f"--max-steps {max_steps}: allowed an integer >= 1")
     parse_device(device)
     init = None
     if init_checkpoint is None and stage == "2" and baseline != "no-stage1":

@@ -46,14 +46,19 @@ def _rank(key: str, seed: int) -> str:
     return sha256_text(f"{seed}:{key}")
 
 
-def holdout_mask(image_ids: list[str], fraction: float, by: str = "image", seed: int = 0) -> np.ndarray:
-    """bool [N]: the check part. Deterministic: images (or groups) ordered by a seeded hash of their id; the first
-    ones go to the check part until it holds round(fraction * N) images (by group: at least that many)."""
-    n = len(image_ids)
+def check_holdout(fraction: float, by: str = "image") -> None:
+    """MessError unless `fraction` lies strictly between 0 and 1 and `by` is one of HOLDOUT_BY (before any work)."""
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise MessError(f"--holdout {fraction!r}: the share of images to hold out must lie strictly between 0 and 1")
     if by not in HOLDOUT_BY:
         raise MessError(f"--holdout-by {by!r} is not allowed; use one of {', '.join(HOLDOUT_BY)}")
+
+
+def holdout_mask(image_ids: list[str], fraction: float, by: str = "image", seed: int = 0) -> np.ndarray:
+    """bool [N]: the check part. Deterministic: images (or groups) ordered by a seeded hash of their id; the first
+    ones go to the check part until it holds round(fraction * N) images (by group: at least that many)."""
+    n = len(image_ids)
+    check_holdout(fraction, by)
     want = max(1, round(fraction * n))
     check = np.zeros(n, dtype=bool)
     if by == "image":

@@ -438,6 +438,55 @@ ROWS += [
     ("query-min-miou-nan", None, ["query", "{front}", "--min-miou", "nan"], 2, "--min-miou nan: " + NOT_FINITE),
 ]
 
+ROWS += [
+    # --- values that ended in a traceback, or were refused only after the stages before them had run
+    ("search-seed-negative", None, ["search", "--cache", "{cache}", "--out", "{tmp}/p.parquet", "--local", "--seed", "-1"],
+     2, "--seed -1: allowed an integer >= 0"),
+    ("pipeline-holdout-above-one", None,
+     ["pipeline", "--space", "{space}", "--data", "{data}", "--out", "{tmp}/run", "--holdout", "1.5"], 2,
+     "--holdout 1.5: the share of images to hold out must lie strictly between 0 and 1"),
+    ("profile-min-run-time-nan", None,
+     ["profile", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.parquet", "--min-run-time", "nan", "--quiet"], 2,
+     "--min-run-time nan: allowed a finite number of seconds > 0"),
+    ("profile-min-run-time-negative", None,
+     ["profile", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.parquet", "--min-run-time", "-1", "--quiet"], 2,
+     "--min-run-time -1.0: allowed a finite number of seconds > 0"),
+    ("export-onnx-unwritable", None,
+     ["export", "--checkpoint", "{ckpt}", "--front", "{front}", "--config-id", "reference", "--onnx",
+      "/proc/messearch-test/onnx"], 2, "--onnx /proc/messearch-test/onnx: cannot write in /proc"),
+    # --- accepted silently before: one step trained, none validated, every exit's mIoU recorded as 0
+    ("train-max-steps-zero", None,
+     ["train", "--space", "{space}", "--data", "{data}", "--out", "{tmp}/t", "--max-steps", "0", "--quiet"], 2,
+     "--max-steps 0: allowed an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv,victim,fragment", [
+    (["export", "--checkpoint", "{ckpt}", "--front", "{front}", "--config-id", "reference", "--out", "{front}"],
+     "front", "is the --front file this command reads"),
+    (["export", "--checkpoint", "{ckpt}", "--front", "{front}", "--config-id", "reference", "--out", "{ckpt}"],
+     "ckpt", "is the --checkpoint file this command reads"),
+    (["plot", "{front}", "--out", "{front}"], "front", "is the front file this command reads"),
+    (["profile", "--checkpoint", "{ckpt}", "--out", "{ckpt}", "--quiet"], "ckpt",
+     "is the --checkpoint file this command reads"),
+    (["search", "--cache", "{cache}", "--out", "{cache}/manifest.json", "--local"], "manifest",
+     "is inside the --cache folder this command reads"),
+], ids=["export-over-front", "export-over-checkpoint", "plot-over-front", "profile-over-checkpoint",
+        "search-over-cache-manifest"])
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(env, tmp_path, capsys, argv, victim, fragment):
+    """An --out naming the file (or a file in the folder) the command reads would overwrite its own input."""
+    values = {"ckpt": shutil.copy(env["ckpt"], tmp_path / "mess.pt"),
+              "front": shutil.copy(env["front"], tmp_path / "pareto.parquet"),
+              "cache": shutil.copytree(env["cache"], tmp_path / "cache")}
+    values["manifest"] = str(Path(values["cache"]) / "manifest.json")
+    before = Path(values[victim]).read_bytes()
+    capsys.readouterr()
+    rc = main([a.format(**values) for a in argv])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --out ") and fragment in lines[0], err
+    assert Path(values[victim]).read_bytes() == before
+
 
 @pytest.mark.parametrize("name,setup,argv,code,fragment", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input(env, tmp_path, capsys, name, setup, argv, code, fragment):

@@ -79,6 +79,16 @@ def test_parse_spec_errors_name_the_bad_part(spec, named):
     assert named in str(e.value)
 
 
+def test_synthetic_counts_above_a_million_are_refused_when_parsed():
+    # parse_spec only: a data set of 10**11 images would list their ids first and fill the machine's memory
+    for spec, named in [("synthetic:0:100000000000", "n=100000000000 must be in 1..1000000"),
+                        ("synthetic:val=1000001", "val=1000001 must be in 1..1000000")]:
+        with pytest.raises(DataError) as e:
+            parse_spec(spec)
+        assert named in str(e.value)
+    assert parse_spec("synthetic:train=1000000")[1].train == 1_000_000
+
+
 def test_synthetic_items_classes_and_difficulty():
     ds = build_dataset("synthetic:seed=1,train=30,val=30", "val", (24, 40))
     assert len(ds) == 30 and len(set(ds.image_ids)) == 30 and ds.num_classes == 8
