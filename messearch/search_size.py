@@ -24,6 +24,8 @@ MAX_LOCAL_SECONDS = 3600.0  # a longer search asks for --force or a cluster addr
 MEASURE_SECONDS = 0.5   # CPU seconds of sampled work at most: the compiled kernels run steadily from the first tree
 MEASURE_SHARE = 0.02    # ... and once MIN_MEASURE_SECONDS have passed, no more than this share of the space
 MIN_MEASURE_SECONDS = 0.05
+# Peak bytes of the estimate's synthetic cache per (image, exit, class + 4): measured 82-134 on the quickstart space
+SYNTHETIC_BYTES = 96
 
 
 def synthetic_cache(positions, heads, n_images: int, n_classes: int, seed: int = 0) -> CacheArrays:
@@ -113,15 +115,19 @@ def describe(est: dict) -> str:
             f"(evaluator measured here at {est['configs_per_cpu_s'] / 1e6:.2f}M configurations per CPU-second)")
 
 
+def available_bytes() -> int:
+    """Half of the memory available now (8 GiB where the system does not say): what one search may take."""
+    try:
+        import os
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * 0.5)
+    except (ValueError, OSError):
+        return 8 << 30
+
+
 def check(est: dict, force: bool, address: str | None, max_bytes: int | None = None) -> None:
     """Refuse (MessError) a search estimated over an hour on this machine without --force or a cluster address,
     or one whose shard would not fit in memory without --force."""
-    if max_bytes is None:
-        try:
-            import os
-            max_bytes = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * 0.5)
-        except (ValueError, OSError):
-            max_bytes = 8 << 30
+    max_bytes = available_bytes() if max_bytes is None else max_bytes
     if force:
         return
     if est["seconds"] > MAX_LOCAL_SECONDS and not address:
@@ -136,6 +142,11 @@ def check(est: dict, force: bool, address: str | None, max_bytes: int | None = N
 def space_estimates(space, macs, n_images: int, cores: int, seconds: float = MEASURE_SECONDS) -> dict:
     """Estimated search time of a space on `cores` of this machine, shared and per-exit thresholds, from the
     evaluator's rate measured on a synthetic cache of n_images images (its exit statistics only)."""
+    per_image = (len(space.positions) * len(space.heads) + 1) * (space.num_classes + 4) * SYNTHETIC_BYTES
+    if n_images * per_image > available_bytes():   # refused, not left to fill the machine's memory
+        raise MessError(f"--images {n_images}: the search-time estimate would hold a synthetic cache of about "
+                        f"{n_images * per_image / 2**30:.1f} GiB, over the {available_bytes() / 2**30:.1f} GiB "
+                        f"available; allowed up to {available_bytes() // per_image} images here, or --no-estimate")
     cache = synthetic_cache(space.positions, space.head_names, n_images, space.num_classes)
     out = {}
     for mode in ("shared", "per-exit"):

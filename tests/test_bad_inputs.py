@@ -454,6 +454,8 @@ ROWS += [
     ("export-onnx-unwritable", None,
      ["export", "--checkpoint", "{ckpt}", "--front", "{front}", "--config-id", "reference", "--onnx",
       "/proc/messearch-test/onnx"], 2, "--onnx /proc/messearch-test/onnx: cannot write in /proc"),
+    ("info-images-beyond-memory", None, ["info", "{space}", "--images", "1000000000000"], 2,
+     "--images 1000000000000: the search-time estimate would hold a synthetic cache of about"),
     # --- accepted silently before: one step trained, none validated, every exit's mIoU recorded as 0
     ("train-max-steps-zero", None,
      ["train", "--space", "{space}", "--data", "{data}", "--out", "{tmp}/t", "--max-steps", "0", "--quiet"], 2,
