@@ -18,7 +18,7 @@ from .errors import MessError
 # Where each command writes: its --out is a file or a folder, checked before any work starts.
 OUT_IS_FOLDER = {"cache": True, "train": True, "pipeline": True, "quickstart": True,
                  "profile": False, "export": False, "search": False, "plot": False}
-# What each command reads (argument -> its name in messages): an --out that is one of them, or lies inside one, is
+# What each command reads (argument -> its name in messages): an --out that is one of them, or a file in one, is
 # refused (it would overwrite the command's own input).
 OUT_READS = {"search": {"cache": "--cache", "space": "--space", "profile": "--profile"},
              "export": {"checkpoint": "--checkpoint", "front": "--front"}, "profile": {"checkpoint": "--checkpoint"},

@@ -97,8 +97,9 @@ def check_writable(path: str | os.PathLike, folder: bool = False, flag: str = "-
 
 
 def check_not_input(path: str | os.PathLike, inputs: dict, flag: str = "--out") -> None:
-    """Refuse an output path that is one of the command's inputs, or lies inside an input folder (a cache): writing
-    it would destroy what the command reads. `inputs` maps a name (`--front`) to a path, a list of paths, or None."""
+    """Refuse an output path that is one of the command's inputs, or a file in an input folder (a cache's manifest or
+    shard): writing it would destroy what the command reads. `inputs` maps a name (`--front`) to a path, a list of
+    paths, or None."""
     out = Path(path).resolve()
     for name, given in inputs.items():
         for p in [given] if isinstance(given, (str, os.PathLike)) else given or []:
@@ -106,6 +107,6 @@ def check_not_input(path: str | os.PathLike, inputs: dict, flag: str = "--out") 
             if out == p:
                 raise MessError(f"{flag} {path}: is the {name} {'folder' if p.is_dir() else 'file'} this command "
                                 f"reads; give another path")
-            if p.is_dir() and p in out.parents:
-                raise MessError(f"{flag} {path}: is inside the {name} folder this command reads; give a path "
-                                f"outside {p}")
+            if p.is_dir() and p in out.parents and out.exists():
+                raise MessError(f"{flag} {path}: is a file of the {name} folder this command reads; give another "
+                                f"path")

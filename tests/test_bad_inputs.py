@@ -472,7 +472,7 @@ ROWS += [
     (["profile", "--checkpoint", "{ckpt}", "--out", "{ckpt}", "--quiet"], "ckpt",
      "is the --checkpoint file this command reads"),
     (["search", "--cache", "{cache}", "--out", "{cache}/manifest.json", "--local"], "manifest",
-     "is inside the --cache folder this command reads"),
+     "is a file of the --cache folder this command reads"),
 ], ids=["export-over-front", "export-over-checkpoint", "plot-over-front", "profile-over-checkpoint",
         "search-over-cache-manifest"])
 def test_an_output_that_is_an_input_is_refused_and_the_input_kept(env, tmp_path, capsys, argv, victim, fragment):
