@@ -143,10 +143,11 @@ def space_estimates(space, macs, n_images: int, cores: int, seconds: float = MEA
     """Estimated search time of a space on `cores` of this machine, shared and per-exit thresholds, from the
     evaluator's rate measured on a synthetic cache of n_images images (its exit statistics only)."""
     per_image = (len(space.positions) * len(space.heads) + 1) * (space.num_classes + 4) * SYNTHETIC_BYTES
-    if n_images * per_image > available_bytes():   # refused, not left to fill the machine's memory
+    free = available_bytes()
+    if n_images * per_image > free:   # refused, not left to fill the machine's memory
         raise MessError(f"--images {n_images}: the search-time estimate would hold a synthetic cache of about "
-                        f"{n_images * per_image / 2**30:.1f} GiB, over the {available_bytes() / 2**30:.1f} GiB "
-                        f"available; allowed up to {available_bytes() // per_image} images here, or --no-estimate")
+                        f"{n_images * per_image / 2**30:.1f} GiB, over the {free / 2**30:.1f} GiB available; allowed "
+                        f"up to {free // per_image} images here, or --no-estimate")
     cache = synthetic_cache(space.positions, space.head_names, n_images, space.num_classes)
     out = {}
     for mode in ("shared", "per-exit"):
