@@ -17,11 +17,14 @@ def _device_budget(items: list[str] | None) -> dict[str, float]:
     for item in items or []:
         device, sep, ms = item.partition("=")
         try:
-            out[device] = float(ms)
+            budget = float(ms)
         except ValueError:
             sep = ""
         if not sep or not device:
             raise MessError(f"--max-latency-ms {item!r}: expected DEVICE=MILLISECONDS, e.g. cpu=12.5")
+        if device in out:   # the last would silently replace the first
+            raise MessError(f"--max-latency-ms {item!r}: device {device!r} given twice; allowed one budget per device")
+        out[device] = budget
     return out
 
 

@@ -436,6 +436,9 @@ ROWS += [
     ("query-latency-nan", None, ["query", "{front}", "--max-latency-ms", "cpu=nan"], 2,
      "--max-latency-ms cpu=nan: " + NOT_FINITE),
     ("query-min-miou-nan", None, ["query", "{front}", "--min-miou", "nan"], 2, "--min-miou nan: " + NOT_FINITE),
+    ("query-latency-device-twice", None,
+     ["query", "{front}", "--max-latency-ms", "cpu=100000", "--max-latency-ms", "cpu=1"], 2,
+     "--max-latency-ms 'cpu=1': device 'cpu' given twice"),
 ]
 
 ROWS += [
