@@ -58,6 +58,9 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "rim_decoy": ({"rim_from": 1 / 3, "rim_decoy": True}, {}, {}),
     "rim_big": ({"rim_from": 1 / 3, "radius": [0.3, 0.4], "rim_width": 0.05}, {}, {}),
     "shape_medium": ({"colour_kept_until": 1 / 3, "texture_kept_until": 1 / 3}, {}, {}),
+    # Stage 1's eight auxiliary exits weigh 0.5 each against the final head's 1: lighter exit losses
+    "exitw_025": ({}, {}, {"exit_loss_weight": 0.25}),
+    "exitw_01": ({}, {}, {"exit_loss_weight": 0.1}),
 }
 SMOKE = {"space": {"input_size": [32, 32], "positions": ["backbone.layer1.0", "backbone.layer3.1", "backbone.layer4.1"]},
          "train": {"train_images": 8, "val_images": 4, "epochs_stage1": 1, "epochs_stage2": 1, "batch_size": 4},
