@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import socket
 import sys
@@ -174,6 +175,10 @@ def build_cache(checkpoint, data_spec: str | None, split: str, out_dir, actors: 
     for flag, value in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--threads", threads)):
         if value < 1:
             raise MessError(f"{flag} {value}: allowed an integer >= 1")
+    if actors is not None and actors < 1:
+        raise MessError(f"--actors {actors}: allowed an integer >= 1")
+    if gpus_per_actor is not None and not (math.isfinite(gpus_per_actor) and gpus_per_actor >= 0):
+        raise MessError(f"--gpus-per-actor {gpus_per_actor:g}: allowed a number >= 0 (0: CPU actors)")
     out_dir = Path(out_dir)
     payload = read_checkpoint(checkpoint)            # a clear error for a missing or foreign file
     ckpt_bytes = Path(checkpoint).read_bytes()      # actors get these bytes: remote nodes need no shared disk

@@ -157,9 +157,11 @@ def _parse_txt(path: Path) -> FolderClasses:
 
 def read_classes(root: Path) -> FolderClasses:
     """The classes of the folder data set at `root`, from classes.yaml (or .yml, .txt)."""
-    for name in ("classes.yaml", "classes.yml", "classes.txt"):
-        if (root / name).is_file():
-            return _parse_txt(root / name) if name.endswith(".txt") else _parse_yaml(root / name)
+    found = [name for name in ("classes.yaml", "classes.yml", "classes.txt") if (root / name).is_file()]
+    if len(found) > 1:   # which one is meant is the user's call: two lists may disagree
+        raise DataError(f"{root}: holds {' and '.join(found)}; keep one class list")
+    for name in found:
+        return _parse_txt(root / name) if name.endswith(".txt") else _parse_yaml(root / name)
     raise DataError(f"{root}: no classes.yaml or classes.txt ({LAYOUT})")
 
 

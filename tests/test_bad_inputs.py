@@ -356,6 +356,14 @@ def _class_list(name: str, data: bytes):
     return setup
 
 
+def _two_class_lists(env, tmp):
+    """A folder data set with both a classes.yaml and a classes.txt (which one is meant?)."""
+    (tmp / "d").mkdir()
+    (tmp / "d" / "classes.yaml").write_text("classes: [road, car]\n")
+    (tmp / "d" / "classes.txt").write_text("road\ncar\nsky\n")
+    return {"d": f"folder:{tmp / 'd'}"}
+
+
 def _checkpoint_edit(edit):
     """A copy of the checkpoint with its dict changed by edit(payload) (a hand-edited or foreign file)."""
     def setup(env, tmp):
@@ -391,6 +399,12 @@ ROWS += [
      "classes.txt: not UTF-8 text (byte 0xe9 at offset 3)"),
     ("data-classes-yaml-latin1", _class_list("classes.yaml", b"classes: [caf\xe9, road]\n"), TRAIN_D, 2,
      "classes.yaml: not UTF-8 text (byte 0xe9 at offset 13)"),
+    ("data-classes-yaml-and-txt", _two_class_lists, TRAIN_D, 2, "holds classes.yaml and classes.txt; keep one class list"),
+    ("cache-actors-zero", None, ["cache", "--checkpoint", "{ckpt}", "--out", "{tmp}/c", "--actors", "0"], 2,
+     "--actors 0: allowed an integer >= 1"),
+    ("cache-gpus-per-actor-negative", None,
+     ["cache", "--checkpoint", "{ckpt}", "--out", "{tmp}/c", "--gpus-per-actor", "-1"], 2,
+     "--gpus-per-actor -1: allowed a number >= 0"),
     ("info-input-size-zero", None, ["info", "quickstart", "--input-size", "0", "0", "--no-estimate"], 2,
      "--input-size 0 0: allowed two integers (height, width), each >= 32"),
     ("evaluate-threads-negative", None, ["evaluate", "--checkpoint", "{ckpt}", "--data", "{data}", "--threads", "-1"],
