@@ -66,7 +66,7 @@ def _add_search(sub) -> None:
 
 def _run_search(args) -> int:
     from .front import check_constraints, summary_line
-    from .search_driver import SearchOptions, check_options, search_to_front
+    from .search_driver import SearchOptions, search_to_front
 
     opts = SearchOptions(max_exits=args.max_exits, thresholds=args.thresholds, mode=args.mode, profiles=args.profile,
                          max_gmacs=args.max_gmacs, max_latency_ms=_device_budget(args.max_latency_ms),
@@ -74,7 +74,6 @@ def _run_search(args) -> int:
                          keep_all=args.keep_all, resume=args.resume, force=args.force, address=args.address,
                          local=args.local, bootstrap=args.bootstrap, seed=args.seed, holdout=args.holdout,
                          holdout_by=args.holdout_by, evaluator=args.evaluator)
-    check_options(opts)
     check_constraints(opts.max_gmacs, opts.max_latency_ms, opts.min_miou, opts.max_miou_drop_pp)
     df = search_to_front(args.cache, args.out, opts, space_path=args.space)
     print(summary_line(df))

@@ -160,8 +160,8 @@ def read_classes(root: Path) -> FolderClasses:
     found = [name for name in ("classes.yaml", "classes.yml", "classes.txt") if (root / name).is_file()]
     if len(found) > 1:   # which one is meant is the user's call: two lists may disagree
         raise DataError(f"{root}: holds {' and '.join(found)}; keep one class list")
-    for name in found:
-        return _parse_txt(root / name) if name.endswith(".txt") else _parse_yaml(root / name)
+    if found:
+        return _parse_txt(root / found[0]) if found[0].endswith(".txt") else _parse_yaml(root / found[0])
     raise DataError(f"{root}: no classes.yaml or classes.txt ({LAYOUT})")
 
 

@@ -249,6 +249,12 @@ def _texture(pattern: str, angle: float, period: float, xs: np.ndarray, ys: np.n
     return (du * du + dv * dv < 0.09).astype(np.float32)
 
 
+def _class_texture(c: int, periods: dict, xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Class c's texture over (xs, ys) at a random phase drawn from rng."""
+    pattern, angle, period = _TEXTURES[(c - 1) % len(_TEXTURES)]
+    return _texture(pattern, angle, periods[period], xs, ys, rng.uniform(0, 1, size=2))
+
+
 def _far(dx: float, dy: float, dist: float) -> bool:
     return dx * dx + dy * dy >= dist * dist
 
@@ -349,8 +355,7 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
         tex_cls = cls
         if rng.random() >= p_class_texture:
             tex_cls = int(rng.integers(1, num_classes))
-        pattern, angle, period = _TEXTURES[(tex_cls - 1) % len(_TEXTURES)]
-        tex = _texture(pattern, angle, periods[period], bx, by, rng.uniform(0, 1, size=2))
+        tex = _class_texture(tex_cls, periods, bx, by, rng)
         if rng.random() < p_class_colour:
             col_a = colours[cls]
             col_b = col_a * 0.45
@@ -364,8 +369,7 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
                 in_a = colours[int(rng.integers(1, num_classes))]
             else:
                 in_a = np.full(3, np.float32(rng.uniform(0.3, 0.7)), dtype=np.float32)
-            other = _TEXTURES[(int(rng.integers(1, num_classes)) - 1) % len(_TEXTURES)]
-            in_tex = _texture(other[0], other[1], periods[other[2]], bx, by, rng.uniform(0, 1, size=2))
+            in_tex = _class_texture(int(rng.integers(1, num_classes)), periods, bx, by, rng)
             in_paint = in_a[:, None, None] * (1.0 - 0.55 * amp * in_tex)
             paint = np.where(inner, in_paint, paint)
         img[:, y0:y1, x0:x1] = np.where(inside, paint, img[:, y0:y1, x0:x1])

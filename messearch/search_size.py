@@ -5,6 +5,7 @@ a space estimated over an hour unless forced or sent to a cluster."""
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -118,7 +119,6 @@ def describe(est: dict) -> str:
 def available_bytes() -> int:
     """Half of the memory available now (8 GiB where the system does not say): what one search may take."""
     try:
-        import os
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") * 0.5)
     except (ValueError, OSError):
         return 8 << 30
