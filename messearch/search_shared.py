@@ -44,9 +44,7 @@ def pair_sums(x, b, e_lo, heads, off, ps, diff):
             for i in range(n):
                 u, v = b[e, i], b[c, i]
                 if u < v:
-                    for m in range(wp):
-                        diff[u, m] += x[c, i, m]
-                        diff[v, m] -= x[c, i, m]
+                    sk.add_sub_row(diff, u, v, x, c, i)
             blk = off[e] + c - first
             for m in range(wp):
                 ps[blk, 0, m] = diff[0, m]
@@ -93,10 +91,7 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
                 ok = u < m2
                 lo = u if ok else steps
                 hi = m2 if ok else steps + 1
-                for m in range(wp):
-                    v = x[c, i, m]
-                    diff[lo, m] += v
-                    diff[hi, m] -= v
+                sk.add_sub_row(diff, lo, hi, x, c, i)
         else:
             # the images exit c takes at step t: s <= t < b[c]; +x at s, -x at b[c] (rows from `steps` on are never read)
             for q in range(nl[j]):
@@ -105,10 +100,7 @@ def shared_tree(x, b, p1, heads, max_exits, model, pairs, state, out, emit_all, 
                 i = lst[j, q]
                 s, bc = sv[j, i], b[c, i]
                 if s < bc:
-                    for m in range(wp):
-                        v = x[c, i, m]
-                        diff[s, m] += v
-                        diff[bc, m] -= v
+                    sk.add_sub_row(diff, s, bc, x, c, i)
         run[:] = 0
         h = hm[j] + mhd[c]
         hm[j + 1] = h
