@@ -41,6 +41,11 @@ def shard_layout() -> dict:
     return {"columns": dict(SHARD_COLUMNS), "exits": EXIT_AXIS}
 
 
+# The JSON types of the manifest's fields, by their annotation: a hand-edited one of another type is refused by name.
+_FIELD_TYPES = {"str": (str,), "int": (int,), "list": (list,), "dict": (dict,), "bool": (bool,),
+                "str | None": (str, type(None))}
+
+
 @dataclass
 class Manifest:
     """manifest.json: what the cache was built from, how, and which shard files (with hashes) it holds.
@@ -91,6 +96,19 @@ class Manifest:
         missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING and f.default_factory is MISSING]
         if missing:
             raise MessError(f"{where}: the cache manifest lacks {missing}; rebuild the cache with `messearch cache`")
+        for f in fields(cls):
+            kinds = _FIELD_TYPES.get(str(f.type))
+            if f.name in d and kinds and not (isinstance(d[f.name], kinds) and not
+                                              (isinstance(d[f.name], bool) and bool not in kinds)):
+                raise MessError(f"{where}: the cache manifest's {f.name} is {json.dumps(d[f.name])[:40]}, not "
+                                f"{str(f.type).replace(' | None', ' or null')}; rebuild the cache with `messearch cache`")
+        for k, rec in enumerate(d["shards"]):
+            if rec is None and not d.get("complete"):
+                continue
+            if not (isinstance(rec, dict) and isinstance(rec.get("file"), str) and isinstance(rec.get("sha256"), str)
+                    and all(isinstance(rec.get(x), int) and not isinstance(rec.get(x), bool) for x in ("start", "stop"))):
+                raise MessError(f"{where}: the cache manifest's shard record {k} is {json.dumps(rec)[:60]}, not "
+                                f"{{file, sha256, start, stop}}; rebuild the cache with `messearch cache`")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def format_summary(self, out_dir) -> str:

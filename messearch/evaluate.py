@@ -107,6 +107,11 @@ def _meta(model) -> ExportMeta:
     return meta
 
 
+def _whole_at_least(value, lo: int) -> bool:
+    """Whether value is an integer (not a bool) of at least lo."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= lo
+
+
 def evaluate(model_or_path, data_spec: str, split: str = "val", device: str = "cpu", batch_size: int = 1,
              warmup: int = 3, progress: bool = True, compare_batch1: bool = False, limit: int | None = None,
              threads: int | None = None, repeat: int = 1) -> EvaluationResult:
@@ -117,14 +122,16 @@ def evaluate(model_or_path, data_spec: str, split: str = "val", device: str = "c
     threads: torch intra-op threads while evaluating (CPU rounding depends on it: use the cache's to compare exactly).
     repeat: time every batch this many times (metrics from the first run; latency per image is the median).
     """
-    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
-        raise MessError(f"--threads {threads}: allowed an integer >= 1 (torch CPU threads)")
+    for name, value, lo in (("--threads", threads, 1), ("--warmup", warmup, 0), ("repeat", repeat, 1),
+                            ("limit", limit, 1), ("--batch-size", batch_size, 1)):
+        if value is not None and not _whole_at_least(value, lo):
+            raise MessError(f"{name} {value!r}: allowed an integer >= {lo}")
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
     try:
         return _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progress, compare_batch1,
-                         limit, max(1, int(repeat)))
+                         limit, int(repeat))
     finally:
         if threads:
             torch.set_num_threads(before)
@@ -153,8 +160,6 @@ def evaluate_side_by_side(models: list, data_spec: str, split: str = "val", devi
 def _evaluate(model_or_path, data_spec, split, device, batch_size, warmup, progress, compare_batch1, limit, repeat):
     model = load_model(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
     meta = _meta(model)
-    if batch_size < 1:
-        raise MessError(f"batch size {batch_size} must be >= 1")
     dev = parse_device(device)
     exact_numerics(dev)   # the cache's kernels: what makes the measured figures equal the front's
     model = model.to(dev).eval()

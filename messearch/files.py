@@ -67,11 +67,27 @@ def load_weights_only(path, what: str, map_location="cpu"):
     except FileNotFoundError:
         raise MessError(f"{path}: {what} not found") from None
     except Exception as e:  # a corrupt file, or one holding code rather than tensors
-        if "Weights only load failed" in str(e):
-            why = "it holds Python objects other than tensors, which weights_only=True refuses to unpickle"
-        else:
-            why = f"{type(e).__name__}: " + " ".join(str(e).split())[:300]
-        raise MessError(f"{path}: not a {what} that torch.load(weights_only=True) reads ({why})") from None
+        raise MessError(f"{path}: not {'an' if what[:1] in 'aeiou' else 'a'} {what} that torch.load(weights_only=True) "
+                        f"reads ({_why_unreadable(path, e)})") from None
+
+
+def _why_unreadable(path, e: Exception) -> str:
+    """Why torch.load refused a file, in words: what its first bytes say it is, else torch's own message."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = None
+    if head == b"":
+        return "the file is empty"
+    if head is not None and head != b"PK\x03\x04" and head[:1] != b"\x80":
+        # torch.save writes a zip archive (PK..), older versions a pickle (protocol byte 0x80)
+        return f"it is not a torch.save file: it starts with {head!r}, not a zip archive or a pickle"
+    if "Weights only load failed" in str(e):
+        return "it holds Python objects other than tensors, which weights_only=True refuses to unpickle"
+    if head == b"PK\x03\x04":
+        return "a damaged zip archive (truncated or corrupt): " + " ".join(str(e).split())[:120]
+    return f"{type(e).__name__}: " + " ".join(str(e).split())[:300]
 
 
 def check_writable(path: str | os.PathLike, folder: bool = False, flag: str = "--out") -> None:

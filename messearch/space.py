@@ -113,9 +113,10 @@ class _Checker:
                 where = f"{fieldname}.{k}" if fieldname else str(k)
                 raise SpaceError(f"{self.source}: unknown field '{where}'; allowed: {', '.join(sorted(allowed))}")
 
-    def integer(self, fieldname: str, value, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(fieldname, value, f"an integer >= {minimum}")
+    def integer(self, fieldname: str, value, minimum: int, maximum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
+            self.fail(fieldname, value, f"an integer >= {minimum}" if maximum is None else
+                      f"an integer in {minimum}..{maximum:,}")
         return value
 
     def number(self, fieldname: str, value, lo: float, hi: float) -> float:
@@ -153,15 +154,23 @@ def _heads(c: _Checker, raw) -> tuple[HeadSpec, ...]:
     return tuple(heads)
 
 
+# Upper bounds that keep a typo from filling the machine: the cache holds n_bins + 1 counts per image and exit, and a
+# search's size grows with the thresholds (to the power of the exits, per exit).
+MAX_THRESHOLDS = 1000
+MAX_BINS = 1000
+
+
 def _thresholds(c: _Checker, raw) -> tuple[float, ...]:
     if isinstance(raw, dict):
         c.keys("thresholds", raw, {"start", "stop", "num"})
         start = c.number("thresholds.start", raw.get("start"), 0.0, 1.0)
         stop = c.number("thresholds.stop", raw.get("stop"), 0.0, 1.0)
-        num = c.integer("thresholds.num", raw.get("num"), 1)
+        num = c.integer("thresholds.num", raw.get("num"), 1, MAX_THRESHOLDS)
         raw = [round(start + (stop - start) * i / max(num - 1, 1), 6) for i in range(num)]
     if not isinstance(raw, list) or not raw:
         c.fail("thresholds", raw, "a non-empty list of numbers in [0, 1], or {start, stop, num}")
+    if len(raw) > MAX_THRESHOLDS:
+        c.fail("thresholds", f"a list of {len(raw):,}", f"at most {MAX_THRESHOLDS:,} values")
     values = [c.number("thresholds", t, 0.0, 1.0) for t in raw]
     if len(set(values)) != len(values):
         c.fail("thresholds", raw, "distinct values")
@@ -174,7 +183,7 @@ def _policy(c: _Checker, raw) -> PolicySpec:
     kind = raw.get("kind", "mean")
     if kind not in POLICY_KINDS:
         c.fail("policy.kind", kind, ", ".join(POLICY_KINDS))
-    n_bins = c.integer("policy.n_bins", raw.get("n_bins", 20), 1)
+    n_bins = c.integer("policy.n_bins", raw.get("n_bins", 20), 1, MAX_BINS)
     pt = raw.get("pixel_threshold")
     if kind == "fraction":
         pt = c.number("policy.pixel_threshold", pt, 0.0, 1.0)

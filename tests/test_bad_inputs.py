@@ -149,6 +149,12 @@ def _manifest_edit(fn):
     return _copy_cache(edit)
 
 
+def _truncated_checkpoint(env, tmp):
+    data = Path(env["ckpt"]).read_bytes()
+    (tmp / "half.pt").write_bytes(data[:len(data) // 2])
+    return {}
+
+
 def _pickle_with_code(env, tmp):
     import pickle
 
@@ -166,6 +172,12 @@ ROWS = [
      "field 'positions': bad value 'backbone.layer9.0'"),
     ("space-threshold-range", space_with("thresholds: [0.5, 1.5]"), ["info", "{s}"], 2,
      "field 'thresholds': bad value 1.5"),
+    ("space-thresholds-num-huge", space_with("thresholds: {start: 0.1, stop: 0.9, num: 1000000000}"), ["info", "{s}"],
+     2, "field 'thresholds.num': bad value 1000000000; allowed: an integer in 1..1,000"),
+    ("space-thresholds-list-long", space_with("thresholds: [" + ", ".join(f"{i / 2000:.4f}" for i in range(1001)) + "]"),
+     ["info", "{s}"], 2, "field 'thresholds': bad value 'a list of 1,001'; allowed: at most 1,000 values"),
+    ("space-n-bins-huge", space_with("policy: {kind: fraction, pixel_threshold: 0.5, n_bins: 100000000}"),
+     ["info", "{s}"], 2, "field 'policy.n_bins': bad value 100000000; allowed: an integer in 1..1,000"),
     ("space-head-width", space_with("heads: [{name: h, width: 0}]"), ["info", "{s}"], 2, "field 'heads[0].width'"),
     ("space-head-rfe", space_with("heads: [{name: h, rfe: huge}]"), ["info", "{s}"], 2, "field 'heads[0].rfe'"),
     ("space-model", space_with("model: vgg16"), ["info", "{s}"], 2, "field 'model': bad value 'vgg16'"),
@@ -210,9 +222,17 @@ ROWS = [
     ("cache-checkpoint-missing", None, ["cache", "--checkpoint", "{tmp}/nope.pt", "--out", "{tmp}/c"], 2,
      "checkpoint not found"),
     ("cache-checkpoint-garbage", _write("junk.pt", b"not a checkpoint"),
-     ["cache", "--checkpoint", "{tmp}/junk.pt", "--out", "{tmp}/c"], 2, "junk.pt"),
+     ["cache", "--checkpoint", "{tmp}/junk.pt", "--out", "{tmp}/c"], 2,
+     "junk.pt: not a checkpoint that torch.load(weights_only=True) reads (it is not a torch.save file: it starts "
+     "with b'not ', not a zip archive or a pickle)"),
+    ("cache-checkpoint-empty", _write("empty.pt", b""), ["cache", "--checkpoint", "{tmp}/empty.pt", "--out", "{tmp}/c"],
+     2, "empty.pt: not a checkpoint that torch.load(weights_only=True) reads (the file is empty)"),
+    ("evaluate-checkpoint-truncated", _truncated_checkpoint,
+     ["evaluate", "--checkpoint", "{tmp}/half.pt", "--data", "{data}"], 2,
+     "half.pt: not an exported model or MESS checkpoint that torch.load(weights_only=True) reads (a damaged zip "
+     "archive (truncated or corrupt)"),
     ("cache-checkpoint-pickle-code", _pickle_with_code, ["cache", "--checkpoint", "{tmp}/evil.pt", "--out", "{tmp}/c"],
-     2, "weights_only"),
+     2, "it holds Python objects other than tensors, which weights_only=True refuses to unpickle"),
     ("cache-exists-without-resume", None, ["cache", "--checkpoint", "{ckpt}", "--out", "{cache}", "--quiet"], 2,
      "already holds a cache; pass --resume"),
     ("cache-out-is-a-file", None, ["cache", "--checkpoint", "{ckpt}", "--out", "{afile}", "--quiet"], 2,
@@ -344,6 +364,16 @@ ROWS += [
     ("search-manifest-image-id", _manifest_edit(lambda m: m["image_ids"][0].__setitem__(0, "someone-else")), SEARCH_C,
      2, "manifest.json: its metadata no longer matches its cache_sha256"),
     ("search-manifest-policy", _manifest_edit(lambda m: m.update(n_bins=20)), SEARCH_C, 2, "manifest.json: its metadata no longer matches its cache_sha256"),
+    ("search-manifest-shards-null", _manifest_edit(lambda m: m.update(shards=None)), SEARCH_C, 2,
+     "the cache manifest's shards is null, not list"),
+    ("search-manifest-shard-record-garbage", _manifest_edit(lambda m: m["shards"].__setitem__(0, 42)), SEARCH_C, 2,
+     "the cache manifest's shard record 0 is 42, not {file, sha256, start, stop}"),
+    ("search-manifest-n-images-text", _manifest_edit(lambda m: m.update(n_images="many")), SEARCH_C, 2,
+     "the cache manifest's n_images is \"many\", not int"),
+    ("search-manifest-complete-text", _manifest_edit(lambda m: m.update(complete="yes")), SEARCH_C, 2,
+     "the cache manifest's complete is \"yes\", not bool"),
+    ("search-manifest-not-a-dict", _copy_cache(lambda c: (c / "manifest.json").write_text("[1, 2]")), SEARCH_C, 2,
+     "not a messearch cache manifest"),
 ]
 
 
@@ -409,6 +439,10 @@ ROWS += [
      "--input-size 0 0: allowed two integers (height, width), each >= 32"),
     ("evaluate-threads-negative", None, ["evaluate", "--checkpoint", "{ckpt}", "--data", "{data}", "--threads", "-1"],
      2, "--threads -1: allowed an integer >= 1"),
+    ("evaluate-warmup-negative", None, ["evaluate", "--checkpoint", "{ckpt}", "--data", "{data}", "--warmup", "-5"],
+     2, "--warmup -5: allowed an integer >= 0"),
+    ("evaluate-batch-size-zero", None, ["evaluate", "--checkpoint", "{ckpt}", "--data", "{data}", "--batch-size", "0"],
+     2, "--batch-size 0: allowed an integer >= 1"),
     ("profile-threads-negative", None,
      ["profile", "--checkpoint", "{ckpt}", "--out", "{tmp}/p.parquet", "--threads", "-1", "--quiet"], 2,
      "--threads -1: allowed an integer >= 1"),
