@@ -29,7 +29,7 @@ from .profile import check_profile_fits, load_profile
 from .provenance import policy_record, reconcile_space
 from .ray_runtime import connect
 from .search import evaluate_items, prepare, reference_rows
-from .search_shard import _shard_trial, evaluate_shard, fresh_keep_all
+from .search_shard import _shard_trial, evaluate_shard, for_trials, fresh_keep_all
 from .search_spec import SearchSpec, assign_shards, plan_items
 from .shard_front import FrontSink, concat_rows
 from .space import load_space, space_from_text
@@ -152,8 +152,7 @@ def run_search(cache: CacheArrays, spec: SearchSpec, macs, latencies=None, shard
               f"{est['n_configs'] * 150 / 2**20:,.0f} MiB) to {keep_all_dir}", file=sys.stderr)
     key = _plan_key(spec, n_shards, cache)
     trainable = tune.with_resources(
-        tune.with_parameters(_shard_trial, cache=cache, spec=spec, macs=macs, latencies=latencies,
-                             keep_all_dir=keep_all_dir), {"cpu": 1})
+        tune.with_parameters(_shard_trial, prep=for_trials(prep), keep_all_dir=keep_all_dir), {"cpu": 1})
     # Each trial's work items are in its config, so ResultGrid.get_dataframe() says what every trial did.
     work = [{"index": i, "items": [list(it) for it in items]} for i, items in enumerate(plan)]
     # An experiment interrupted before Tune saved its first state has a tuner.pkl but nothing to restore (a

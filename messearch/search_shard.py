@@ -3,6 +3,7 @@ no torch (nor the cost model), so that a trial's process starts in a fraction of
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import shutil
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from .front import rows_to_frame
-from .search import Prepared, evaluate_items, prepare, reference_rows
+from .search import Prepared, evaluate_items, reference_rows
 from .shard_front import FrontSink
 
 
@@ -65,12 +66,19 @@ def evaluate_shard(prep: Prepared, items, keep_all_dir=None, tag: str = "shard0"
 
 
 
-def _shard_trial(config, cache=None, spec=None, macs=None, latencies=None, keep_all_dir=None):
-    """One Tune trial: evaluate the work items of config["shard"] ({index, items}), send its front candidates back
-    in a checkpoint."""
+def for_trials(prep: Prepared) -> Prepared:
+    """The driver's Prepared as the trials receive it (through the object store): no tables a kernel memoised."""
+    return dataclasses.replace(prep, memo={})
+
+
+def _shard_trial(config, prep=None, keep_all_dir=None):
+    """One Tune trial: evaluate the work items of config["shard"] ({index, items}) of the driver's Prepared (its
+    arrays arrive read-only from the object store, so not prepared again: 0.1-0.3 s a trial), send its front
+    candidates back in a checkpoint."""
     from ray import tune
     shard, items = int(config["shard"]["index"]), [tuple(it) for it in config["shard"]["items"]]
-    prep = prepare(cache, spec, macs, latencies)
+    # the kernels take a writeable copy of their rows: numba compiles a read-only array as another type
+    prep = dataclasses.replace(prep, xt=np.array(prep.xt), memo={})
     last = [0.0]
 
     def progress(sink):
