@@ -172,11 +172,10 @@ def build_cache(checkpoint, data_spec: str | None, split: str, out_dir, actors: 
     available, else cpu) with `threads` torch CPU threads (1, as a one-CPU Ray actor has: the same CPU rounding),
     so the manifest, resume and hashes are the same and cache_sha256 equals a Ray-built cache's.
     """
-    for flag, value in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--threads", threads)):
-        if value < 1:
+    for flag, value in (("--batch-size", batch_size), ("--shard-size", shard_size), ("--threads", threads),
+                        ("--actors", actors)):   # actors None: one per CPU (or GPU) of the cluster
+        if value is not None and value < 1:
             raise MessError(f"{flag} {value}: allowed an integer >= 1")
-    if actors is not None and actors < 1:
-        raise MessError(f"--actors {actors}: allowed an integer >= 1")
     if gpus_per_actor is not None and not (math.isfinite(gpus_per_actor) and gpus_per_actor >= 0):
         raise MessError(f"--gpus-per-actor {gpus_per_actor:g}: allowed a number >= 0 (0: CPU actors)")
     out_dir = Path(out_dir)

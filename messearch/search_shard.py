@@ -78,7 +78,7 @@ def _shard_trial(config, prep=None, keep_all_dir=None):
     from ray import tune
     shard, items = int(config["shard"]["index"]), [tuple(it) for it in config["shard"]["items"]]
     # the kernels take a writeable copy of their rows: numba compiles a read-only array as another type
-    prep = dataclasses.replace(prep, xt=np.array(prep.xt), memo={})
+    prep = dataclasses.replace(prep, xt=np.array(prep.xt))
     last = [0.0]
 
     def progress(sink):
