@@ -32,6 +32,8 @@ sys.path[:0] = [str(ROOT)]
 FAST = {"train_images": 160, "epochs_stage1": 5, "epochs_stage2": 2}   # ~1,100 image passes: the 3-minute budget
 CAST = {"cast_sigma": 0.25, "cast_ramp": [1 / 3, 1 / 2]}
 OS8 = {"model": "lraspp_resnet18_os8"}
+ODD3, ODD5 = {"odd_until": 1 / 3}, {"odd_until": 0.5}
+ODD5_KEPT = {**ODD5, "colour_kept_until": 1.0, "texture_kept_until": 1.0}
 VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "shipped": ({}, {}, {}),
     "shipped_fast": ({}, {}, FAST),
@@ -58,6 +60,30 @@ VARIANTS: dict[str, tuple[dict, dict, dict]] = {
     "rim_decoy": ({"rim_from": 1 / 3, "rim_decoy": True}, {}, {}),
     "rim_big": ({"rim_from": 1 / 3, "radius": [0.3, 0.4], "rim_width": 0.05}, {}, {}),
     "shape_medium": ({"colour_kept_until": 1 / 3, "texture_kept_until": 1 / 3}, {}, {}),
+    # Round 4 (tenth session, CPU): context. From medium scenes on, an object may be anonymous (neutral grey, a random
+    # shape and texture), and only a frame at the image border, in its class's hue, names its class; LR-ASPP's
+    # global pooling reads the frame, a layer1 view (27-67 px) mostly does not.
+    "context": ({"frame_width": 0.05}, {}, {}),
+    "context_p1": ({"frame_width": 0.05, "anon_p": 1.0}, {}, {}),
+    "context_12ep": ({"frame_width": 0.05}, {}, {"epochs_stage1": 12}),
+    "shipped_12ep": ({}, {}, {"epochs_stage1": 12}),
+    "shipped_s2x6": ({}, {}, {"epochs_stage2": 6}),
+    # Closer hues (8 object classes), or full camouflage from the medium scenes on: a local view's colour misleads more.
+    "classes9": ({}, {"num_classes": 9}, {}),
+    "camo_medium": ({"camo_ramp": [1 / 3, 2 / 3]}, {}, {}),
+    "classes7": ({}, {"num_classes": 7}, {}),
+    "classes9_9ep": ({}, {"num_classes": 9}, {"epochs_stage1": 9}),
+    # Look-alike classes: with 8 object classes the even ones' hues lie between the odd ones', and the scenes below
+    # h = odd_until hold only the odd ones, so that easy scenes can leave early and the look-alikes come with clutter.
+    "classes9_easyodd": (ODD3, {"num_classes": 9}, {}),
+    "classes9_easyodd_9ep": (ODD3, {"num_classes": 9}, {"epochs_stage1": 9}),
+    "classes9_easyodd_tex": ({**ODD3, "texture_kept_until": 1.0}, {"num_classes": 9}, {}),
+    "classes9_easyodd_col": ({**ODD3, "colour_kept_until": 1.0}, {"num_classes": 9}, {}),
+    "classes9_odd05_col": ({**ODD5, "colour_kept_until": 1.0}, {"num_classes": 9}, {}),
+    "classes9_odd05_col_9ep": ({**ODD5, "colour_kept_until": 1.0}, {"num_classes": 9}, {"epochs_stage1": 9}),
+    "classes9_odd05_coltex": (ODD5_KEPT, {"num_classes": 9}, {}),
+    "classes9_odd05_coltex_9ep": (ODD5_KEPT, {"num_classes": 9}, {"epochs_stage1": 9}),
+    "classes9_odd05_coltex_s2x6": (ODD5_KEPT, {"num_classes": 9}, {"epochs_stage2": 6}),
     # Stage 1's eight auxiliary exits weigh 0.5 each against the final head's 1: lighter exit losses
     "exitw_025": ({}, {}, {"exit_loss_weight": 0.25}),
     "exitw_01": ({}, {}, {"exit_loss_weight": 0.1}),

@@ -31,6 +31,11 @@ What h controls (easy h -> 0, hard h -> 1):
 - Gaussian pixel noise with sigma 0.15 * h**1.5 (below 0.03 for easy scenes);
 - off in the default design: from h = rim_from on, the class hue only on a rim of each object, its inside neutral
   grey or another class's hue (a probe of what needs depth: results/README.md).
+- off in the default design: a frame at the image border, in the hue of the class of the scene's anonymous objects
+  (neutral grey, random shape and texture; from medium scenes on), so that only a view reaching the frame names it
+  (another probe: results/README.md).
+- off in the default design: scenes below h = odd_until hold only the odd classes, whose hues lie between the even
+  ones' (a third probe: results/README.md).
 So colour solves easy scenes with a shallow feature; hard scenes need a large receptive field (depth).
 """
 
@@ -88,6 +93,10 @@ class SceneDesign:
     rim_from: float = 2.0                           # from this h on, the class hue only on a rim (2: never)
     rim_width: float = 0.06                         # the rim, as a fraction of the image side
     rim_decoy: bool = False                         # the inside in another class's hue (else a neutral grey)
+    frame_width: float = 0.0                        # context (0: off): a frame of this width (fraction of the side)
+    anon_ramp: tuple[float, float] = (1 / 3, 2 / 3)  # in the hue of the class of the scene's anonymous objects (neutral
+    anon_p: float = 0.5                             # looks; each object with probability anon_p * ramp(h)), else dark
+    odd_until: float = 0.0                          # scenes below this h hold only the odd classes (hues far apart)
 
 
 DESIGN = SceneDesign()
@@ -318,6 +327,11 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
         start = grey + w_field * (ca - grey)
         img = start + (w_field * (cb - ca)) * f
     mask = np.zeros((H, W), dtype=np.uint8)
+    # Context (off by default, and then no draw, so the default scenes keep their bytes): an anonymous object looks
+    # like no class, and only the frame, far from most of it, names its class (the same for every one in the scene).
+    p_anon = d.anon_p * _ramp(h, d.anon_ramp) if d.frame_width > 0 else 0.0
+    ctx = int(rng.integers(1, num_classes)) if p_anon > 0 else 0
+    any_anon = False
 
     # Objects, painted back to front (later ones occlude earlier ones).
     n_obj = int(rng.integers(round(2 + h), round(3 + 2 * h) + 1))
@@ -330,6 +344,11 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
     placed: list[tuple[float, float, float]] = []
     for _ in range(n_obj):
         cls = int(rng.integers(1, num_classes))
+        if h < d.odd_until:
+            cls = 2 * int(rng.integers(0, num_classes // 2)) + 1
+        anon = p_anon > 0 and bool(rng.random() < p_anon)
+        if anon:
+            cls, any_anon = ctx, True
         r = S * float(rng.uniform(*d.radius)) * (1.0 - 0.2 * h)
         b = r * float(rng.uniform(0.7, 1.0))
         rx, ry = (float(t) for t in rng.standard_normal(2))
@@ -351,12 +370,16 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
         dx, dy = bx - cx, by - cy
         u = dx * cos_r + dy * sin_r
         v = dy * cos_r - dx * sin_r
-        inside = _shape_mask(_class_shape(cls), u, v, r, b)
+        shape = _SHAPES[int(rng.integers(len(_SHAPES)))] if anon else _class_shape(cls)
+        inside = _shape_mask(shape, u, v, r, b)
         tex_cls = cls
-        if rng.random() >= p_class_texture:
+        if anon or rng.random() >= p_class_texture:
             tex_cls = int(rng.integers(1, num_classes))
         tex = _class_texture(tex_cls, periods, bx, by, rng)
-        if rng.random() < p_class_colour:
+        if anon:   # a neutral grey: no class's hue
+            col_a = np.full(3, np.float32(rng.uniform(0.3, 0.7)), dtype=np.float32)
+            col_b = col_a * 0.45
+        elif rng.random() < p_class_colour:
             col_a = colours[cls]
             col_b = col_a * 0.45
         else:  # colours shared between classes: only texture and shape tell the class
@@ -374,6 +397,12 @@ def render_scene(seed: int, split: str, index: int, size: tuple[int, int], num_c
             paint = np.where(inner, in_paint, paint)
         img[:, y0:y1, x0:x1] = np.where(inside, paint, img[:, y0:y1, x0:x1])
         mask[y0:y1, x0:x1][inside] = cls
+    if d.frame_width > 0:   # background, in the anonymous objects' class hue (dark grey where there are none)
+        fw = max(1, round(S * d.frame_width))
+        ring = np.ones((H, W), dtype=bool)
+        ring[fw:H - fw, fw:W - fw] = False
+        img[:, ring] = colours[ctx][:, None] if any_anon else np.float32(0.15)
+        mask[ring] = 0
 
     # Camouflage: a colour offset per block of about S/4 pixels (0 on easy scenes, growing with h), so that a
     # small neighbourhood's colour misleads and only a view of the whole object (a deep feature) averages it out.

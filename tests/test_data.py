@@ -240,6 +240,33 @@ def test_a_rim_design_keeps_the_class_hue_on_the_rim_only():
     assert len(hits[True]) > 500 and np.mean(hits[True]) < 0.5 < 0.9 < np.mean(hits[False])
 
 
+def test_a_context_design_names_anonymous_objects_in_the_frame_only():
+    """With a frame and anon_p = 1, every object of a hard scene is of the class whose hue the frame shows, in neutral
+    looks of its own; the frame is background; easy scenes get a dark frame and no anonymous object."""
+    k, ctx = 5, SceneDesign(frame_width=0.05, anon_p=1.0)
+    cols = class_colours(k).astype(np.float64)
+    frame = np.ones((80, 80), dtype=bool)
+    frame[4:-4, 4:-4] = False
+    for i in range(6):
+        img, mask, _, _ = render_scene(5, "val", i, (80, 80), k, (0, 0, 1), design=ctx)
+        assert (mask[frame] == 0).all()
+        shown = 1 + np.argmin(((cols[1:] - img[frame].mean(axis=0) / 255.0) ** 2).sum(axis=1))
+        assert set(np.unique(mask)) == {0, shown}
+        easy, easy_mask, _, _ = render_scene(5, "val", i, (80, 80), k, (1, 0, 0), design=ctx)
+        assert easy[frame].max() < 0.25 * 255 and (easy_mask[frame] == 0).all()
+        assert len(np.unique(easy_mask)) > 1 and np.array_equal(easy_mask[~frame] > 0, render_scene(
+            5, "val", i, (80, 80), k, (1, 0, 0))[1][~frame] > 0)
+
+
+def test_scenes_below_odd_until_hold_only_the_odd_classes():
+    """odd_until = 1/2: every scene with h below it has odd object classes only, later ones the even ones too."""
+    design, below, above = SceneDesign(odd_until=0.5), set(), set()
+    for i in range(30):
+        _, mask, _, h = render_scene(3, "val", i, (40, 40), 9, design=design)
+        (below if h < 0.5 else above).update(np.unique(mask).tolist())
+    assert below - {0} <= {1, 3, 5, 7} and below > {0} and above & {2, 4, 6, 8}
+
+
 # --- on-disk formats -------------------------------------------------------------------------------
 
 def _camvid(root: Path) -> Path:
