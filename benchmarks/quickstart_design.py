@@ -19,6 +19,7 @@ import csv
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 import traceback
@@ -225,6 +226,8 @@ def main() -> None:
     jobs = [(v, int(s)) for s in args.seeds.split(",") for v in variants if (v, int(s)) not in have]  # seed-major
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
+    # SIGTERM (kill, pkill) unwinds through the `with` below, which terminates the jobs: none outlives this process
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with ctx.Pool(args.procs, maxtasksperchild=1) as pool:
         pending = []
         for job in jobs:
