@@ -212,8 +212,9 @@ def eval_tree_shared(prep, roots, sink) -> None:
     cur = np.zeros(k + 1, np.int64)
     cur[0] = p1 * len(prep.heads)
     ints = [np.zeros(k, np.int64) for _ in range(3)]
+    # diff: a bin is at most `steps`, so rows 0..steps (add_sub_row checks no bounds)
     state = (cur, np.zeros(k + 1, np.int64), cnt, np.zeros((k + 1, n), np.int64), lst, nl,
-             np.zeros((steps + 2, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), *ints,
+             np.zeros((steps + 1, wp), prep.xt.dtype), np.zeros(wp, prep.xt.dtype), *ints,
              np.zeros(k + 1, np.int64), np.zeros((k + 1, steps), np.int64), np.zeros((k + 1, dev)),
              np.zeros((k + 1, steps, dev)), np.zeros((3, n), np.int64), np.zeros(1, np.int64),
              np.zeros(wp, prep.count_dtype), np.zeros((3, n), np.int64))
